@@ -170,7 +170,3 @@ def activate(verbose=True):
 
 configure()
 
-
-if __name__ == "__main__":
-    # `python -m utils.runtime`: compile Jittor if needed and print the device / oneDNN line.
-    activate()
