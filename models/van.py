@@ -1,0 +1,361 @@
+"""VAN (Visual Attention Network, Guo et al. 2022) backbones b0..b3 for CCNet.
+
+Parameter names and shapes follow the official PyTorch code (Visual-Attention-Network/
+VAN-Classification), so its ImageNet checkpoints load key for key (``load_imagenet_weights``):
+
+    patch_embed{i}.proj / .norm           overlapping patch embedding: conv + BatchNorm
+    block{i}.{j}.norm1 / .norm2            BatchNorm before the attention / MLP branch
+    block{i}.{j}.attn.proj_1 / .proj_2     1x1 convs around the large-kernel attention
+    block{i}.{j}.attn.spatial_gating_unit.{conv0, conv_spatial, conv1}   LKA
+    block{i}.{j}.mlp.{fc1, dwconv.dwconv, fc2}
+    block{i}.{j}.layer_scale_1 / _2        per-channel residual scales (init 1e-2)
+    norm{i}                                LayerNorm (eps 1e-6) closing stage i
+    head                                   1000-way classifier (``VANClassifier`` only)
+
+Output stride. VAN downsamples to stride 32, while CCNet's head is meant to see stride-8
+features. ``output_stride`` 16 or 8 turns the stride-2 patch embedding of stage 4 (and 3) into
+a stride-1 convolution and dilates every spatial convolution after it (patch embedding by the
+dilation of the stage before, the blocks' 5x5 / 7x7-d3 / 3x3 depthwise convs by 2 or 4), the
+"atrous" recipe DeepLab and CCNet apply to ResNet. Every kernel keeps its shape, so the
+ImageNet weights stay valid and every filter still covers the same image area it was trained
+on, only sampled densely. No new parameters; the cost is compute and memory in the later
+stages (numbers in the README / benchmarks/model.py).
+"""
+import math
+
+import utils  # noqa: F401  (configures Jittor before it is imported)
+import jittor as jt
+from jittor import nn
+
+from . import register_backbone
+
+# Official ImageNet-1k checkpoints (dicts with a "state_dict" key), from the VAN authors.
+IMAGENET_URLS = {
+    "van_b0": "https://huggingface.co/Visual-Attention-Network/VAN-Tiny-original/resolve/main/van_tiny_754.pth.tar",
+    "van_b1": "https://huggingface.co/Visual-Attention-Network/VAN-Small-original/resolve/main/van_small_811.pth.tar",
+    "van_b2": "https://huggingface.co/Visual-Attention-Network/VAN-Base-original/resolve/main/van_base_828.pth.tar",
+    "van_b3": "https://huggingface.co/Visual-Attention-Network/VAN-Large-original/resolve/main/van_large_839.pth.tar",
+}
+
+# DESIGN.md section 4; all sizes share the MLP ratios [8, 8, 4, 4].
+VAN_SIZES = {
+    "van_b0": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
+    "van_b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2)),
+    "van_b2": dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3)),
+    "van_b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3)),
+}
+MLP_RATIOS = (8, 8, 4, 4)
+LAYER_SCALE_INIT = 1e-2
+
+# output_stride -> (stride of each stage's patch embedding, dilation of each stage's blocks)
+STRIDE_PLANS = {
+    32: ((4, 2, 2, 2), (1, 1, 1, 1)),
+    16: ((4, 2, 2, 1), (1, 1, 1, 2)),
+    8: ((4, 2, 1, 1), (1, 1, 2, 4)),
+}
+
+
+def _depthwise(dim, kernel_size, dilation):
+    """Depthwise conv whose 'same' padding follows its dilation (keeps the feature size)."""
+    return nn.Conv2d(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                     dilation=dilation, groups=dim)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def execute(self, x):
+        if self.drop_prob == 0.0 or not self.is_training():
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = (jt.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype) + keep_prob).floor()
+        return x / keep_prob * keep
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of an NCHW map (the official code's token LayerNorm).
+
+    Computed as mean((x - mean)^2) rather than E[x^2] - E[x]^2 (what jittor's LayerNorm does):
+    with eps = 1e-6 the latter loses precision on large activations.
+    """
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = jt.ones(dim)
+        self.bias = jt.zeros(dim)
+
+    def execute(self, x):
+        centred = x - x.mean(dim=1, keepdims=True)
+        scale = 1.0 / jt.sqrt((centred * centred).mean(dim=1, keepdims=True) + self.eps)
+        return centred * scale * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
+
+
+class LKA(nn.Module):
+    """Large-kernel attention: 5x5 depthwise -> 7x7 depthwise dilation 3 -> 1x1, gates the input."""
+
+    def __init__(self, dim, dilation=1):
+        super().__init__()
+        self.conv0 = _depthwise(dim, 5, dilation)
+        self.conv_spatial = _depthwise(dim, 7, 3 * dilation)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+
+    def execute(self, x):
+        return x * self.conv1(self.conv_spatial(self.conv0(x)))
+
+
+class Attention(nn.Module):
+    """1x1 -> GELU -> LKA -> 1x1, plus its own shortcut (as in the official code)."""
+
+    def __init__(self, dim, dilation=1):
+        super().__init__()
+        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.activation = nn.GELU()
+        self.spatial_gating_unit = LKA(dim, dilation)
+        self.proj_2 = nn.Conv2d(dim, dim, 1)
+
+    def execute(self, x):
+        return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
+
+
+class DWConv(nn.Module):
+    """Wrapper that only exists so the official key name ``mlp.dwconv.dwconv`` comes out."""
+
+    def __init__(self, dim, dilation=1):
+        super().__init__()
+        self.dwconv = _depthwise(dim, 3, dilation)
+
+    def execute(self, x):
+        return self.dwconv(x)
+
+
+class Mlp(nn.Module):
+    """1x1 expand -> 3x3 depthwise -> GELU -> 1x1 project."""
+
+    def __init__(self, dim, hidden_dim, dilation=1):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.dwconv = DWConv(hidden_dim, dilation)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+
+    def execute(self, x):
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """x + drop_path(ls1 * attn(bn1(x))), then x + drop_path(ls2 * mlp(bn2(x)))."""
+
+    def __init__(self, dim, mlp_ratio, drop_path=0.0, dilation=1):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.attn = Attention(dim, dilation)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dilation)
+        self.layer_scale_1 = jt.full((dim,), LAYER_SCALE_INIT)
+        self.layer_scale_2 = jt.full((dim,), LAYER_SCALE_INIT)
+
+    def execute(self, x):
+        x = x + self.drop_path(self.layer_scale_1.reshape(1, -1, 1, 1) * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.layer_scale_2.reshape(1, -1, 1, 1) * self.mlp(self.norm2(x)))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with overlapping windows (7x7/4 for stage 1, 3x3/2 later) + BatchNorm."""
+
+    def __init__(self, in_channels, dim, kernel_size, stride, dilation=1):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size, stride=stride,
+                              padding=dilation * (kernel_size // 2), dilation=dilation)
+        self.norm = nn.BatchNorm2d(dim)
+
+    def execute(self, x):
+        return self.norm(self.proj(x))
+
+
+class VAN(nn.Module):
+    """VAN backbone: ``execute(x)`` returns the four stage features [B, C_i, H/s_i, W/s_i].
+
+    ``out_channels`` = embed_dims; ``out_strides`` = (4, 8, 16, 32) for output_stride 32,
+    (4, 8, 16, 16) for 16, (4, 8, 8, 8) for 8.
+    """
+
+    def __init__(self, embed_dims, depths, mlp_ratios=MLP_RATIOS, drop_path_rate=0.0,
+                 output_stride=32, in_channels=3):
+        super().__init__()
+        embed_dims, depths, mlp_ratios = list(embed_dims), list(depths), list(mlp_ratios)
+        if not len(embed_dims) == len(depths) == len(mlp_ratios) == 4:
+            raise ValueError(f"VAN needs 4 stages: got embed_dims={embed_dims}, depths={depths}, "
+                             f"mlp_ratios={mlp_ratios}")
+        if output_stride not in STRIDE_PLANS:
+            raise ValueError(f"VAN output_stride must be one of {sorted(STRIDE_PLANS)}, "
+                             f"got {output_stride!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"VAN drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        strides, dilations = STRIDE_PLANS[output_stride]
+        self.output_stride = output_stride
+        self.out_channels = embed_dims
+        self.out_strides = []
+        self.depths = depths
+
+        # stochastic depth rises linearly from 0 to drop_path_rate over all blocks
+        total = sum(depths)
+        drop_rates = [drop_path_rate * k / (total - 1) if total > 1 else 0.0 for k in range(total)]
+        stride, first = 1, 0
+        for i in range(4):
+            # a patch embed that no longer downsamples keeps the previous stage's dilation, so
+            # its 3x3 window spans the same pixels as the strided original (DeepLab convention)
+            embed_dilation = dilations[i - 1] if i > 0 else 1
+            patch_embed = OverlapPatchEmbed(in_channels if i == 0 else embed_dims[i - 1], embed_dims[i],
+                                            kernel_size=7 if i == 0 else 3, stride=strides[i],
+                                            dilation=embed_dilation)
+            blocks = nn.ModuleList([Block(embed_dims[i], mlp_ratios[i], drop_rates[first + j], dilations[i])
+                                    for j in range(depths[i])])
+            setattr(self, f"patch_embed{i + 1}", patch_embed)
+            setattr(self, f"block{i + 1}", blocks)
+            setattr(self, f"norm{i + 1}", ChannelLayerNorm(embed_dims[i]))
+            first += depths[i]
+            stride *= strides[i]
+            self.out_strides.append(stride)
+        self._init_weights()
+
+    def _init_weights(self):
+        """The official initialisation: He-normal on fan_out for convs, trunc-normal for the head."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                kh, kw = module.weight.shape[2:]
+                fan_out = kh * kw * module.out_channels // module.groups
+                module.weight.assign(jt.randn(module.weight.shape) * math.sqrt(2.0 / fan_out))
+                if module.bias is not None:
+                    module.bias.assign(jt.zeros(module.bias.shape))
+            elif isinstance(module, nn.Linear):
+                module.weight.assign(jt.init.trunc_normal_(jt.zeros(module.weight.shape), std=0.02))
+                if module.bias is not None:
+                    module.bias.assign(jt.zeros(module.bias.shape))
+
+    def stages(self):
+        for i in range(1, 5):
+            yield getattr(self, f"patch_embed{i}"), getattr(self, f"block{i}"), getattr(self, f"norm{i}")
+
+    def execute(self, x):
+        if x.ndim != 4 or x.shape[1] != self.patch_embed1.proj.in_channels:
+            raise ValueError(f"VAN expects images [B, {self.patch_embed1.proj.in_channels}, H, W], "
+                             f"got shape {list(x.shape)}")
+        features = []
+        for patch_embed, blocks, norm in self.stages():
+            x = patch_embed(x)
+            for block in blocks:
+                x = block(x)
+            x = norm(x)
+            features.append(x)
+        return features
+
+
+class VANClassifier(VAN):
+    """VAN with the ImageNet head (global average pool of stage 4 -> ``head``): logits [B, classes]."""
+
+    def __init__(self, embed_dims, depths, num_classes=1000, **kwargs):
+        super().__init__(embed_dims, depths, **kwargs)
+        self.head = nn.Linear(self.out_channels[-1], num_classes)
+        self.head.weight.assign(jt.init.trunc_normal_(jt.zeros(self.head.weight.shape), std=0.02))
+        self.head.bias.assign(jt.zeros(self.head.bias.shape))
+
+    def execute(self, x):
+        return self.head(super().execute(x)[-1].mean(dims=(2, 3)))
+
+
+def official_state_dict(source):
+    """The weight dict inside an official checkpoint: a path (``.pth``/``.pth.tar``) or a dict,
+    either the bare weights or ``{"state_dict": weights}``."""
+    checkpoint = jt.load(source) if isinstance(source, str) else source
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"VAN checkpoint {source if isinstance(source, str) else ''}: expected a dict, "
+                        f"got {type(checkpoint).__name__}")
+    weights = checkpoint.get("state_dict", checkpoint)
+    # checkpoints saved from DataParallel prefix every key with "module."
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+
+
+def load_imagenet_weights(model, source):
+    """Load an official VAN ImageNet checkpoint into ``model`` (a ``VAN`` or ``VANClassifier``).
+
+    Keys must match exactly, except ``num_batches_tracked`` (jittor's BatchNorm keeps no such
+    counter) and ``head.*`` when ``model`` has no head. Anything missing, unexpected or of the
+    wrong shape raises a ValueError naming the keys, because jittor's own ``load_state_dict``
+    would only log it. Returns the list of checkpoint keys that were ignored.
+    """
+    weights = official_state_dict(source)
+    own = model.state_dict()
+    has_head = isinstance(model, VANClassifier)
+    ignored = [k for k in weights
+               if k.endswith("num_batches_tracked") or (not has_head and k.startswith("head."))]
+    usable = {k: v for k, v in weights.items() if k not in set(ignored)}
+    where = f"VAN checkpoint {source}" if isinstance(source, str) else "VAN checkpoint"
+    missing = sorted(set(own) - set(usable))
+    unexpected = sorted(set(usable) - set(own))
+    wrong_shape = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+                   for k, v in usable.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:5])})")
+    if problems:
+        raise ValueError(f"{where} does not fit this VAN "
+                         f"(embed_dims={model.out_channels}, depths={model.depths}): " + "; ".join(problems))
+    for name, value in usable.items():
+        array = value.numpy() if isinstance(value, jt.Var) else value
+        own[name].assign(jt.array(array).astype(own[name].dtype))
+        own[name].sync()   # see JITTOR.md: freshly assigned small Vars must be synced once
+    return ignored
+
+
+def _build(name, num_classes=None, pretrained=None, **overrides):
+    allowed = {"embed_dims", "depths", "mlp_ratios", "drop_path_rate", "output_stride", "in_channels"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}, "
+                        f"num_classes, pretrained")
+    config = dict(VAN_SIZES[name], mlp_ratios=MLP_RATIOS, drop_path_rate=0.1, output_stride=8)
+    config.update(overrides)
+    if num_classes:
+        model = VANClassifier(num_classes=num_classes, **config)
+    else:
+        model = VAN(**config)
+    if pretrained:
+        load_imagenet_weights(model, pretrained)
+    return model
+
+
+@register_backbone("van_b0")
+def van_b0(**opts):
+    """VAN-b0 (4.1M params with the ImageNet head). ``opts``: see ``_build``."""
+    return _build("van_b0", **opts)
+
+
+@register_backbone("van_b1")
+def van_b1(**opts):
+    """VAN-b1 (13.9M params with the ImageNet head)."""
+    return _build("van_b1", **opts)
+
+
+@register_backbone("van_b2", aliases=("van_base",))
+def van_b2(**opts):
+    """VAN-b2 = VAN-base (26.6M params with the ImageNet head)."""
+    return _build("van_b2", **opts)
+
+
+@register_backbone("van_b3")
+def van_b3(**opts):
+    """VAN-b3 (44.8M params with the ImageNet head)."""
+    return _build("van_b3", **opts)
