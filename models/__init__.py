@@ -5,6 +5,8 @@ resnet.py / van.py). A backbone is a ``jittor.nn.Module`` whose ``execute(x)`` r
 stage features (strides 4, 8/16/32 depending on dilation) and which exposes ``out_channels``
 (four ints) so heads never hard-code channel counts.
 """
+import inspect
+
 import utils  # noqa: F401  (configures Jittor before it is imported)
 
 BACKBONES = {}          # name -> factory(**opts) returning a backbone module
@@ -30,3 +32,42 @@ def resolve_backbone_name(name):
         valid = sorted(BACKBONES) + sorted(f"{a} (= {n})" for a, n in BACKBONE_ALIASES.items())
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(valid)}")
     return name
+
+
+# Options consumed by the segmentor itself; everything else goes to the backbone factory.
+HEAD_OPTIONS = ("head_channels", "aux_channels", "head_act", "dropout", "ccl_dim")
+
+
+def _accepted_options(factory):
+    """(names the factory takes as keywords, whether it takes **kwargs)."""
+    params = inspect.signature(factory).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def build_model(backbone, num_classes, recurrence=2, **opts):
+    """CCNet on a registered backbone.
+
+    ``opts`` holds head options (``HEAD_OPTIONS``, see ``CCNet``) and backbone options (e.g.
+    ``output_stride``, ``stem``, ``base_channels`` for ResNets); an option neither takes raises
+    a TypeError naming it.
+    """
+    from .ccnet import CCNet
+
+    name = resolve_backbone_name(backbone)
+    factory = BACKBONES[name]
+    head_opts = {k: v for k, v in opts.items() if k in HEAD_OPTIONS}
+    backbone_opts = {k: v for k, v in opts.items() if k not in HEAD_OPTIONS}
+    accepted, takes_any = _accepted_options(factory)
+    unknown = sorted(set(backbone_opts) - accepted)
+    if unknown and not takes_any:
+        raise TypeError(
+            f"build_model: unknown option(s) {', '.join(unknown)} for backbone {name!r}; "
+            f"backbone options: {', '.join(sorted(accepted)) or 'none'}; "
+            f"head options: {', '.join(HEAD_OPTIONS)}")
+    return CCNet(factory(**backbone_opts), num_classes, recurrence=recurrence, **head_opts)
+
+
+# Importing the backbone modules registers them.
+from . import resnet  # noqa: E402,F401
+from . import van  # noqa: E402,F401

@@ -1,0 +1,132 @@
+"""CCNet segmentor: backbone -> RCCA head (main logits) + auxiliary FCN head on stage 3.
+
+Module and parameter names follow the official code (speedinghzl/CCNet, DESIGN.md section 3) so
+its checkpoints map key for key (the official backbone keys sit at the top level, ours under
+``backbone.``):
+
+    head.conva.{0,1}        conv3x3(C4 -> C4/4) + BN/act
+    head.cca.*              CrissCrossAttention(C4/4), one module applied R times
+    head.convb.{0,1}        conv3x3(C4/4 -> C4/4) + BN/act
+    head.bottleneck.{0,1,3} conv3x3(C4 + C4/4 -> 512) + BN/act, [2] Dropout2d(0.1), conv1x1 -> classes
+    dsn.{0,1,3}             conv3x3(C3 -> 512, bias) + BN/act, [2] Dropout2d(0.1), conv1x1 -> classes
+
+The official code uses InPlaceABNSync, one module doing BatchNorm and LeakyReLU(0.01) together;
+``BatchNormAct`` plays that part so indices 1 and 3 stay where the official keys expect them.
+"""
+import utils  # noqa: F401  (configures Jittor before it is imported)
+import jittor as jt
+from jittor import nn
+
+from .cc_attention import CrissCrossAttention
+
+# Head activations: the official code (InPlaceABN default) vs mmsegmentation's CCHead.
+ACTIVATIONS = {
+    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),
+    "relu": nn.relu,
+    "identity": lambda x: x,
+}
+
+
+def _check_activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown head activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return name
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm followed by an activation in one module (the role of InPlaceABNSync), so the
+    state dict holds weight/bias/running_mean/running_var at the official index."""
+
+    def __init__(self, num_features, activation="leaky_relu"):
+        super().__init__(num_features)
+        self.activation = _check_activation(activation)
+
+    def execute(self, x):
+        return ACTIVATIONS[self.activation](super().execute(x))
+
+
+def conv_bn_act(in_channels, out_channels, activation, bias=False):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+                         BatchNormAct(out_channels, activation))
+
+
+class RCCAHead(nn.Module):
+    """Recurrent criss-cross attention head (the official RCCAModule).
+
+    ``recurrence`` R: how many times the one shared ``cca`` module is applied; R = 0 builds no
+    attention module at all (a plain conv head, the paper's baseline). ``execute`` returns the
+    logits, or (logits, attention output) with ``return_context=True`` (for the CCL projection).
+    """
+
+    def __init__(self, in_channels, num_classes, recurrence=2, channels=512, activation="leaky_relu",
+                 dropout=0.1):
+        super().__init__()
+        if not (isinstance(recurrence, int) and recurrence >= 0):
+            raise ValueError(f"recurrence must be an int >= 0, got {recurrence!r}")
+        inter_channels = in_channels // 4
+        self.recurrence = recurrence
+        self.inter_channels = inter_channels
+        self.conva = conv_bn_act(in_channels, inter_channels, activation)
+        self.cca = CrissCrossAttention(inter_channels) if recurrence > 0 else None
+        self.convb = conv_bn_act(inter_channels, inter_channels, activation)
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels + inter_channels, channels, 3, padding=1, bias=False),
+            BatchNormAct(channels, activation),
+            nn.Dropout2d(dropout, is_train=True),
+            nn.Conv2d(channels, num_classes, 1))
+
+    def execute(self, x, return_context=False):
+        context = self.conva(x)
+        for _ in range(self.recurrence):
+            context = self.cca(context)
+        out = self.bottleneck(jt.concat([x, self.convb(context)], dim=1))
+        return (out, context) if return_context else out
+
+
+def auxiliary_head(in_channels, num_classes, channels=512, activation="leaky_relu", dropout=0.1):
+    """The official ``dsn`` branch (first conv with bias, as in the official code)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, padding=1, bias=True),
+        BatchNormAct(channels, activation),
+        nn.Dropout2d(dropout, is_train=True),
+        nn.Conv2d(channels, num_classes, 1))
+
+
+class CCNet(nn.Module):
+    """Backbone + RCCA head + auxiliary head.
+
+    Training mode: ``model(x)`` -> ``[main_logits, aux_logits]`` at feature resolution (stride 8
+    for the default backbones), plus ``ccl_features`` ([B, ccl_dim, h, w], the RCCA output
+    projected by a 1x1 conv) as a third item when ``ccl_dim > 0``.
+    Eval mode (``model.eval()``): main logits bilinearly upsampled to the input size.
+    """
+
+    def __init__(self, backbone, num_classes, recurrence=2, head_channels=512, aux_channels=512,
+                 head_act="leaky_relu", dropout=0.1, ccl_dim=0):
+        super().__init__()
+        if not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not (isinstance(ccl_dim, int) and ccl_dim >= 0):
+            raise ValueError(f"ccl_dim must be an int >= 0, got {ccl_dim!r}")
+        channels = list(getattr(backbone, "out_channels", ()))
+        if len(channels) != 4:
+            raise ValueError(f"backbone must expose out_channels (4 ints), got {channels!r}")
+        self.num_classes = num_classes
+        self.recurrence = recurrence
+        self.backbone = backbone
+        self.head = RCCAHead(channels[3], num_classes, recurrence, head_channels, head_act, dropout)
+        self.dsn = auxiliary_head(channels[2], num_classes, aux_channels, head_act, dropout)
+        self.ccl_dim = ccl_dim
+        # Category consistent loss (TPAMI): a 1x1 conv maps the RCCA output to a small space.
+        self.ccl_proj = nn.Conv2d(self.head.inter_channels, ccl_dim, 1) if ccl_dim else None
+
+    def execute(self, x):
+        features = self.backbone(x)
+        if not self.is_training():
+            logits = self.head(features[3])
+            return nn.interpolate(logits, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
+        logits, context = self.head(features[3], return_context=True)
+        outputs = [logits, self.dsn(features[2])]
+        if self.ccl_proj is not None:
+            outputs.append(self.ccl_proj(context))
+        return outputs

@@ -1,0 +1,191 @@
+"""Dilated ResNet-18/34/50/101/152 backbones for CCNet.
+
+Parameter names follow the official CCNet code (speedinghzl/CCNet, DESIGN.md section 3), which
+are also torchvision's names, so both kinds of checkpoint map key for key:
+
+    conv1 bn1 [conv2 bn2 conv3 bn3]      stem (deep: three 3x3 convs; standard: one 7x7 conv)
+    layer{1..4}.{i}.conv{1,2[,3]} / bn{1,2[,3]}
+    layer{k}.0.downsample.{0,1}           1x1 projection conv + BN of a stage's first block
+
+Choices the segmentation literature made and that we keep configurable:
+
+* ``stem="deep"`` (default, the official CCNet / "ResNet-C" stem): 3x3 convs base-base-2*base,
+  then a ceil-mode max pool; ``stem="standard"``: torchvision's 7x7 conv and floor-mode pool.
+* ``output_stride`` 8 (default: layer3 dilation 2, layer4 dilation 4, as the official code),
+  16 or 32. Stages that stop striding dilate instead so every filter still covers the image
+  area it was trained on.
+* ``multi_grid``: per-block multipliers of layer4's dilation, cycled (official: (1, 1, 1)).
+* ``contract_dilation`` (mmsegmentation): the first block of a dilated stage uses half the
+  dilation, bridging from the previous stage's sampling grid. Off in the official code.
+* The stride of a bottleneck sits on its 3x3 conv (official code, torchvision >= 0.2 "v1.5").
+* ``base_channels`` (default 64) scales every width, so tests can build tiny networks.
+"""
+import utils  # noqa: F401  (configures Jittor before it is imported)
+from jittor import nn
+
+from . import register_backbone
+
+# output_stride -> (stride, dilation) of layer1..layer4
+STRIDE_PLANS = {
+    8: ((1, 1), (2, 1), (1, 2), (1, 4)),
+    16: ((1, 1), (2, 1), (2, 1), (1, 2)),
+    32: ((1, 1), (2, 1), (2, 1), (2, 1)),
+}
+
+# name -> (block type, blocks per stage)
+DEPTHS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+def conv3x3(in_channels, out_channels, stride=1, dilation=1):
+    """3x3 conv whose padding keeps the size (at stride 1) for any dilation."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation,
+                     dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs. Both are dilated in a dilated stage (as in Dilated Residual Networks), so
+    the block keeps the receptive field of its undilated ImageNet counterpart."""
+    expansion = 1
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def execute(self, x):
+        out = nn.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nn.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 (stride and dilation here) -> 1x1 expand by 4."""
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = downsample
+
+    def execute(self, x):
+        out = nn.relu(self.bn1(self.conv1(x)))
+        out = nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nn.relu(out + shortcut)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+class ResNet(nn.Module):
+    """Backbone returning the four stage features [layer1, layer2, layer3, layer4]."""
+
+    def __init__(self, block="bottleneck", layers=(3, 4, 23, 3), stem="deep", output_stride=8,
+                 multi_grid=(1, 1, 1), base_channels=64, contract_dilation=False):
+        super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; expected one of {sorted(BLOCKS)}")
+        if output_stride not in STRIDE_PLANS:
+            raise ValueError(f"output_stride must be one of {sorted(STRIDE_PLANS)}, got {output_stride!r}")
+        if stem not in ("deep", "standard"):
+            raise ValueError(f"stem must be 'deep' or 'standard', got {stem!r}")
+        multi_grid = tuple(multi_grid) if multi_grid else (1,)
+        if not all(isinstance(g, int) and g >= 1 for g in multi_grid):
+            raise ValueError(f"multi_grid must hold positive ints, got {multi_grid!r}")
+        if not (isinstance(base_channels, int) and base_channels >= 1):
+            raise ValueError(f"base_channels must be a positive int, got {base_channels!r}")
+        block_type = BLOCKS[block]
+        self.stem = stem
+        self.output_stride = output_stride
+
+        if stem == "deep":
+            self.conv1 = conv3x3(3, base_channels, stride=2)
+            self.bn1 = nn.BatchNorm2d(base_channels)
+            self.conv2 = conv3x3(base_channels, base_channels)
+            self.bn2 = nn.BatchNorm2d(base_channels)
+            self.conv3 = conv3x3(base_channels, 2 * base_channels)
+            self.bn3 = nn.BatchNorm2d(2 * base_channels)
+            # ceil mode as the official code: a 97-pixel side gives 49 -> 25, not 24.
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+            in_channels = 2 * base_channels
+        else:
+            self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(base_channels)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            in_channels = base_channels
+
+        plan = STRIDE_PLANS[output_stride]
+        self.out_channels, self.out_strides = [], []
+        stride_so_far = 4
+        for index, (blocks, (stride, dilation)) in enumerate(zip(layers, plan)):
+            planes = base_channels * 2 ** index
+            grid = multi_grid if index == 3 else (1,)
+            dilations = [dilation * grid[i % len(grid)] for i in range(blocks)]
+            if contract_dilation and dilation > 1:
+                dilations[0] = dilation // 2 * grid[0]
+            layer = self._make_layer(block_type, in_channels, planes, stride, dilations)
+            setattr(self, f"layer{index + 1}", layer)
+            in_channels = planes * block_type.expansion
+            stride_so_far *= stride
+            self.out_channels.append(in_channels)
+            self.out_strides.append(stride_so_far)
+
+    @staticmethod
+    def _make_layer(block_type, in_channels, planes, stride, dilations):
+        out_channels = planes * block_type.expansion
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels))
+        blocks = [block_type(in_channels, planes, stride, dilations[0], downsample)]
+        blocks += [block_type(out_channels, planes, 1, d) for d in dilations[1:]]
+        return nn.Sequential(*blocks)
+
+    def execute_stem(self, x):
+        x = nn.relu(self.bn1(self.conv1(x)))
+        if self.stem == "deep":
+            x = nn.relu(self.bn2(self.conv2(x)))
+            x = nn.relu(self.bn3(self.conv3(x)))
+        return self.maxpool(x)
+
+    def execute(self, x):
+        x = self.execute_stem(x)
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+def _make_factory(name):
+    block, layers = DEPTHS[name]
+
+    def factory(stem="deep", output_stride=8, multi_grid=(1, 1, 1), base_channels=64,
+                contract_dilation=False):
+        return ResNet(block, layers, stem=stem, output_stride=output_stride, multi_grid=multi_grid,
+                      base_channels=base_channels, contract_dilation=contract_dilation)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name} ({block} blocks {layers}); options as ResNet."
+    return factory
+
+
+for _name in DEPTHS:
+    globals()[_name] = register_backbone(_name)(_make_factory(_name))
