@@ -1,0 +1,208 @@
+"""Training losses of CCNet: cross-entropy (ignore 255), OHEM, auxiliary weight, category
+consistent loss.
+
+``SegLoss(num_classes)(outputs, label) -> (total_loss_var, {name: float})`` where ``outputs`` is
+what ``CCNet`` returns in training mode: ``[main_logits, aux_logits]`` and, when the model was
+built with ``ccl_dim > 0``, the projected features as a third item.
+
+* Logits are bilinearly upsampled to the label size before the loss (as the official
+  CriterionDSN; it uses ``align_corners=True``, mmsegmentation and our eval path ``False``: option).
+* OHEM (official ``OhemCrossEntropy2d``, main branch only): keep the valid pixels whose predicted
+  probability of the true class is <= ``threshold``; if fewer than ``min_kept`` would remain, raise
+  the threshold to the ``min_kept``-th smallest probability (so at least ``min_kept`` pixels, ties
+  included); if ``min_kept`` >= the number of valid pixels, keep them all. The official code
+  estimates that k-th value on a copy zoomed down 8x (min_kept / 64 of it) to save time; we
+  compute it exactly.
+* Category consistent loss (CCNet TPAMI, sec. "learning category consistent features"), per
+  image on the features h_i at feature resolution (labels nearest-downsampled), with class
+  means mu_c over the C classes present:
+      l_var = 1/|C| sum_c 1/N_c sum_{i in c} phi_var(||mu_c - h_i||)
+          phi_var(d) = d - delta_d + (delta_d - delta_v)^2   if d > delta_d
+                       (d - delta_v)^2                        if delta_v < d <= delta_d
+                       0                                      otherwise
+      l_dis = 1/(|C|(|C|-1)) sum_{a != b} phi_dis(||mu_a - mu_b||),
+          phi_dis(d) = (2 delta_d - d)^2 if d <= 2 delta_d else 0
+      l_reg = 1/|C| sum_c ||mu_c||
+  averaged over the images of the batch that have labelled pixels.
+"""
+import numpy as np
+
+import utils  # noqa: F401  (configures Jittor before it is imported)
+import jittor as jt
+from jittor import nn
+
+# A tiny floor inside square roots: ||x|| has no gradient at 0 (a one-pixel class sits exactly
+# on its mean), and phi is flat there anyway, so the floor changes values by < 1e-6 at most.
+NORM_EPS = 1e-12
+
+
+def _to_numpy_label(label):
+    array = label.numpy() if isinstance(label, jt.Var) else np.asarray(label)
+    if array.ndim != 3:
+        raise ValueError(f"label must have shape [B, H, W], got {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise ValueError(f"label must hold integer class ids, got dtype {array.dtype} with fractions")
+    return array.astype(np.int64)
+
+
+def validate_labels(label, num_classes, ignore_index=255):
+    """Raise ValueError naming the values outside [0, num_classes) other than ``ignore_index``.
+
+    Jittor's cross-entropy silently treats such values as ignored (PyTorch raises), which would
+    hide a wrong ``num_classes`` or an unconverted label encoding.
+    """
+    bad = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+        raise ValueError(
+            f"label holds {int(bad.sum())} pixel(s) with value(s) {shown} outside [0, {num_classes}) "
+            f"and not the ignore index {ignore_index}; check num_classes and the label encoding")
+
+
+def _upsample_to(logits, size, align_corners):
+    if tuple(logits.shape[2:]) == tuple(size):
+        return logits
+    return nn.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def _true_class_log_prob(logits, label_idx):
+    """log softmax(logits)[label] per pixel: [B, H, W]. ``label_idx`` must be a valid class id."""
+    log_prob = nn.log_softmax(logits, dim=1)
+    return jt.gather(log_prob, 1, label_idx.unsqueeze(1)).squeeze(1)
+
+
+def masked_cross_entropy(logits, label, keep):
+    """Mean cross-entropy over the pixels where ``keep`` (numpy bool [B,H,W]) is true; 0 if none.
+
+    ``label`` is a numpy int array whose values where ``keep`` is false are ignored.
+    """
+    count = int(keep.sum())
+    safe = jt.array(np.where(keep, label, 0).astype(np.int32))
+    log_p = _true_class_log_prob(logits, safe)
+    return -(log_p * jt.array(keep.astype(np.float32))).sum() / max(count, 1)
+
+
+def ohem_keep_mask(prob_true, valid, threshold=0.7, min_kept=100000):
+    """Pixels OHEM trains on (numpy bool, same shape as ``prob_true``); see module docstring."""
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        return valid.copy()
+    if min_kept >= num_valid:
+        return valid.copy()
+    cut = float(threshold)
+    if min_kept > 0:
+        kth = float(np.partition(prob_true[valid], min_kept - 1)[min_kept - 1])
+        cut = max(cut, kth)
+    return valid & (prob_true <= cut)
+
+
+def _nearest_resize_label(label, size):
+    """Nearest-neighbour resize of a [B,H,W] label (PyTorch's 'nearest' index rule)."""
+    h, w = label.shape[1:]
+    out_h, out_w = size
+    rows = np.minimum((np.arange(out_h) * (h / out_h)).astype(np.int64), h - 1)
+    cols = np.minimum((np.arange(out_w) * (w / out_w)).astype(np.int64), w - 1)
+    return label[:, rows][:, :, cols]
+
+
+def category_consistent_terms(features, label, ignore_index=255, delta_v=0.5, delta_d=1.5):
+    """(l_var, l_dis, l_reg) as jt Vars for features [B, D, h, w] and a numpy label [B, H, W]."""
+    label = _nearest_resize_label(label, features.shape[2:])
+    b, d = features.shape[:2]
+    terms, images = [jt.zeros([1]), jt.zeros([1]), jt.zeros([1])], 0
+    for i in range(b):
+        flat = label[i].reshape(-1)
+        classes = np.unique(flat[flat != ignore_index])
+        k = len(classes)
+        if k == 0:
+            continue
+        images += 1
+        onehot = (flat[None, :] == classes[:, None]).astype(np.float32)           # [K, N]
+        counts = onehot.sum(1)
+        onehot_v = jt.array(onehot)
+        h = features[i].reshape(d, -1).transpose()                                # [N, D]
+        means = jt.matmul(onehot_v, h) / jt.array(counts[:, None])                 # [K, D]
+        own_mean = jt.matmul(onehot_v.transpose(), means)                        # [N, D]
+        dist = ((h - own_mean).sqr().sum(1) + NORM_EPS).sqrt()                   # [N]
+        phi_var = jt.ternary(dist > delta_d, dist - delta_d + (delta_d - delta_v) ** 2,
+                             jt.ternary(dist > delta_v, (dist - delta_v).sqr(), jt.zeros_like(dist)))
+        terms[0] += (jt.matmul(onehot_v, phi_var.unsqueeze(1)).squeeze(1) / jt.array(counts)).mean()
+        if k > 1:
+            first, second = np.triu_indices(k, 1)
+            pairs = np.zeros((len(first), k), np.float32)                           # mu_a - mu_b
+            pairs[np.arange(len(first)), first] = 1
+            pairs[np.arange(len(first)), second] = -1
+            gap = (jt.matmul(jt.array(pairs), means).sqr().sum(1) + NORM_EPS).sqrt()
+            terms[1] += (2 * delta_d - gap).maximum(0).sqr().mean()
+        terms[2] += (means.sqr().sum(1) + NORM_EPS).sqrt().mean()
+    return tuple(t / max(images, 1) for t in terms)
+
+
+class SegLoss:
+    """Loss of a CCNet training step: ``loss(outputs, label) -> (total Var, {term: float})``.
+
+    Terms: ``main`` (CE or OHEM-CE of the main logits), ``aux`` (CE of the auxiliary logits,
+    weighted by ``aux_weight`` in the total), ``ccl_var`` / ``ccl_dis`` / ``ccl_reg`` (when the
+    outputs carry CCL features; weighted by ``ccl_weights``), and ``loss`` (the total).
+    """
+
+    def __init__(self, num_classes, ignore_index=255, aux_weight=0.4, ohem=False, ohem_thresh=0.7,
+                 ohem_min_kept=100000, ccl_weights=(1.0, 1.0, 0.001), ccl_delta_v=0.5, ccl_delta_d=1.5,
+                 align_corners=False):
+        if len(ccl_weights) != 3:
+            raise ValueError(f"ccl_weights must be (var, dis, reg) weights, got {ccl_weights!r}")
+        if not 0.0 <= ohem_thresh <= 1.0:
+            raise ValueError(f"ohem_thresh must lie in [0, 1], got {ohem_thresh!r}")
+        if not 0 < ccl_delta_v < ccl_delta_d:
+            raise ValueError(f"need 0 < ccl_delta_v < ccl_delta_d, got {ccl_delta_v!r}, {ccl_delta_d!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.aux_weight = aux_weight
+        self.ohem = ohem
+        self.ohem_thresh = ohem_thresh
+        self.ohem_min_kept = int(ohem_min_kept)
+        self.ccl_weights = tuple(float(w) for w in ccl_weights)
+        self.ccl_delta_v = ccl_delta_v
+        self.ccl_delta_d = ccl_delta_d
+        self.align_corners = align_corners
+
+    def _main_keep(self, logits, label, valid):
+        if not self.ohem:
+            return valid
+        with jt.no_grad():
+            safe = jt.array(np.where(valid, label, 0).astype(np.int32))
+            prob_true = _true_class_log_prob(logits.detach(), safe).exp().numpy()
+        return ohem_keep_mask(prob_true, valid, self.ohem_thresh, self.ohem_min_kept)
+
+    def __call__(self, outputs, label):
+        if isinstance(outputs, jt.Var):
+            outputs = [outputs]
+        if not 1 <= len(outputs) <= 3:
+            raise ValueError(f"expected [main, aux(, ccl_features)] outputs, got {len(outputs)} items")
+        label = _to_numpy_label(label)
+        validate_labels(label, self.num_classes, self.ignore_index)
+        size = label.shape[1:]
+        valid = label != self.ignore_index
+        for name, out in zip(("main", "aux"), outputs[:2]):
+            if out.ndim != 4 or out.shape[0] != label.shape[0] or out.shape[1] != self.num_classes:
+                raise ValueError(f"{name} logits must be [{label.shape[0]}, {self.num_classes}, h, w] "
+                                 f"for a label of shape {list(label.shape)}, got {list(out.shape)}")
+
+        main = _upsample_to(outputs[0], size, self.align_corners)
+        terms = {"main": masked_cross_entropy(main, label, self._main_keep(main, label, valid))}
+        total = terms["main"]
+        if len(outputs) > 1:
+            terms["aux"] = masked_cross_entropy(_upsample_to(outputs[1], size, self.align_corners), label, valid)
+            total = total + self.aux_weight * terms["aux"]
+        if len(outputs) > 2:
+            ccl = category_consistent_terms(outputs[2], label, self.ignore_index,
+                                            self.ccl_delta_v, self.ccl_delta_d)
+            for name, value, weight in zip(("ccl_var", "ccl_dis", "ccl_reg"), ccl, self.ccl_weights):
+                terms[name] = value
+                total = total + weight * value
+        terms["loss"] = total
+        jt.sync(list(terms.values()))        # one execution for all terms, not one per .item()
+        floats = {name: float(value.item()) for name, value in terms.items()}
+        return total, floats
