@@ -1,0 +1,304 @@
+"""Built-in synthetic demo set where long-range context decides the class.
+
+Every 128x128 image has a coloured frame. The left and right strips are cut into row segments,
+each red or blue; the top and bottom strips into column segments, each cyan or orange. Inside
+the frame lie grey discs, grey squares and white rings on a textured background:
+
+* a grey **disc** is "disc/red-row" or "disc/blue-row" depending only on the colour of the frame
+  segment at the two ends of *its row* (the disc always fits inside one segment's rows);
+* a grey **square** is "square/cyan-col" or "square/orange-col" depending only on the colour of
+  the frame segment at the two ends of *its column*;
+* rings, frame and background can be told apart locally.
+
+Discs of both classes look exactly alike (same grey, same noise), as do squares, and they sit 20-60
+pixels away from the frame, while the segment colours change every 16-40 pixels: a model must look
+far along the same row or column, which is exactly what criss-cross attention does (R=1 already
+sees the whole row and column; R=2 the whole image). ``CONTEXT_CLASSES`` lists those four classes;
+a model without attention (R=0) can only guess between the two classes of a pair.
+
+The set is generated on first use into ``$CCNET_HOME/demo`` (default ``~/.cache/ccnet-jittor/demo``)
+in ADE20K's layout (``images/{training,validation}/*.png``, ``annotations/...``, annotation value
+= class index + 1) and read by the ADE20K loader. Generation is deterministic (seeded NumPy, one
+generator per image) and atomic (written to a temporary folder, then renamed).
+
+``python -m datasets.demo --out images/demo_samples.png`` draws a few samples with their labels.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .ade20k import ADE20KDataset
+from .base import register_dataset
+
+DEMO_VERSION = 1           # bump when the generator changes: cached sets are then regenerated
+DEMO_SIZE = 128
+DEMO_SPLITS = {"training": 300, "validation": 50}
+FRAME = 8                  # width of the frame strips, in pixels
+
+DEMO_CLASSES = ("background", "frame", "ring", "disc/red-row", "disc/blue-row",
+                "square/cyan-col", "square/orange-col")
+DEMO_PALETTE = [[60, 60, 60], [230, 230, 230], [250, 250, 120], [230, 50, 50], [60, 90, 230],
+                [50, 210, 210], [250, 150, 40]]
+BACKGROUND, FRAME_CLASS, RING, DISC_RED, DISC_BLUE, SQUARE_CYAN, SQUARE_ORANGE = range(7)
+CONTEXT_CLASSES = (DISC_RED, DISC_BLUE, SQUARE_CYAN, SQUARE_ORANGE)
+
+# Marker colours: each pair is >= 120 degrees apart in hue, so photometric hue jitter (+-36
+# degrees) cannot turn one into the other.
+ROW_COLOURS = {DISC_RED: (205, 35, 35), DISC_BLUE: (40, 60, 210)}
+COLUMN_COLOURS = {SQUARE_CYAN: (30, 190, 200), SQUARE_ORANGE: (235, 140, 25)}
+OBJECT_GREY = 178
+RING_WHITE = 245
+
+
+def default_root():
+    """``$CCNET_HOME/demo``, default ``~/.cache/ccnet-jittor/demo``."""
+    home = os.environ.get("CCNET_HOME") or os.path.join("~", ".cache", "ccnet-jittor")
+    return Path(home).expanduser() / "demo"
+
+
+# ------------------------------------------------------------------------------------ generator
+def _segments(rng, start, stop, low=16, high=40):
+    """Cut [start, stop) into consecutive segments of random length in [low, high]."""
+    cuts, pos = [], start
+    while pos < stop:
+        length = int(rng.integers(low, high + 1))
+        if stop - (pos + length) < low:          # no stub at the end
+            length = stop - pos
+        cuts.append((pos, pos + length))
+        pos += length
+    return cuts
+
+
+def _noisy(rng, shape, colour, sigma):
+    return np.asarray(colour, np.float32) + rng.normal(0.0, sigma, size=shape + (3,)).astype(np.float32)
+
+
+def make_sample(rng, size=DEMO_SIZE):
+    """One (rgb uint8 [S, S, 3], label uint8 [S, S] of class indices) pair."""
+    s, f = size, FRAME
+    yy, xx = np.mgrid[0:s, 0:s]
+
+    # Background: a muted colour with smooth large-scale variation and pixel noise.
+    base = rng.uniform([70, 80, 55], [125, 125, 100])
+    coarse = rng.normal(0.0, 12.0, size=(5, 5, 3)).astype(np.float32)
+    smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((s, s), Image.BILINEAR))
+                       for c in range(3)], axis=-1)
+    rgb = base + smooth + rng.normal(0.0, 7.0, size=(s, s, 3))
+    label = np.full((s, s), BACKGROUND, np.uint8)
+    free = np.ones((s, s), bool)                     # interior pixels not yet used by an object
+    free[:f + 2, :] = free[-f - 2:, :] = free[:, :f + 2] = free[:, -f - 2:] = False
+
+    # Frame: row segments (left/right strips) and column segments (top/bottom strips).
+    rows = [(a, b, int(rng.choice(list(ROW_COLOURS)))) for a, b in _segments(rng, f, s - f)]
+    cols = [(a, b, int(rng.choice(list(COLUMN_COLOURS)))) for a, b in _segments(rng, f, s - f)]
+    for a, b, cls in rows:
+        for x0 in (0, s - f):
+            rgb[a:b, x0:x0 + f] = _noisy(rng, (b - a, f), ROW_COLOURS[cls], 6.0)
+    for a, b, cls in cols:
+        for y0 in (0, s - f):
+            rgb[y0:y0 + f, a:b] = _noisy(rng, (f, b - a), COLUMN_COLOURS[cls], 6.0)
+    for y0 in (0, s - f):                            # the four corners: neutral grey
+        for x0 in (0, s - f):
+            rgb[y0:y0 + f, x0:x0 + f] = _noisy(rng, (f, f), (110, 110, 110), 6.0)
+    label[:f, :] = label[-f:, :] = label[:, :f] = label[:, -f:] = FRAME_CLASS
+
+    def place(mask, cls, colour):
+        grown = mask.copy()                          # keep 2 pixels between objects
+        grown[:-2] |= mask[2:]; grown[2:] |= mask[:-2]
+        grown[:, :-2] |= grown[:, 2:]; grown[:, 2:] |= grown[:, :-2]
+        if not free[grown].all():
+            return False
+        free[grown] = False
+        rgb[mask] = np.asarray(colour, np.float32) + rng.normal(0.0, 5.0, size=(int(mask.sum()), 3))
+        label[mask] = cls
+        return True
+
+    # Far from the frame: object centres stay in the middle band of the image.
+    lo, hi = int(0.34 * s), int(0.66 * s)
+    for _ in range(int(rng.integers(2, 5))):         # discs: class from their row segment
+        for _try in range(30):
+            a, b, cls = rows[int(rng.integers(len(rows)))]
+            r = int(rng.integers(5, min(10, (b - a - 2) // 2) + 1))
+            cy = int(rng.integers(a + r + 1, b - r))
+            cx = int(rng.integers(lo, hi + 1))
+            if place((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r, cls, (OBJECT_GREY,) * 3):
+                break
+    for _ in range(int(rng.integers(2, 5))):         # squares: class from their column segment
+        for _try in range(30):
+            a, b, cls = cols[int(rng.integers(len(cols)))]
+            side = int(rng.integers(9, min(18, b - a - 2) + 1))
+            x0 = int(rng.integers(a + 1, b - side))
+            y0 = int(rng.integers(lo - side // 2, hi - side // 2 + 1))
+            mask = (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
+            if place(mask, cls, (OBJECT_GREY,) * 3):
+                break
+    for _ in range(int(rng.integers(1, 3))):         # rings: recognisable locally, anywhere inside
+        for _try in range(30):
+            r = int(rng.integers(7, 12))
+            cy, cx = (int(v) for v in rng.integers(f + r + 3, s - f - r - 3, size=2))
+            d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+            if place((d2 <= r * r) & (d2 >= (r - 3) ** 2), RING, (RING_WHITE,) * 3):
+                break
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), label
+
+
+def _write_png(array, path):
+    # Fixed settings: the bytes depend only on the pixels (and zlib), so runs can be compared.
+    Image.fromarray(array).save(path, format="PNG", compress_level=6)
+
+
+def generate(out_dir, seed=0, splits=None, size=DEMO_SIZE, progress=True):
+    """Write the demo set into ``out_dir`` (which must not exist yet)."""
+    splits = dict(DEMO_SPLITS if splits is None else splits)
+    out_dir = Path(out_dir)
+    total = sum(splits.values())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="generating demo set", unit="img", leave=False)
+    for split_code, (split, count) in enumerate(sorted(splits.items())):
+        image_dir = out_dir / "images" / split
+        label_dir = out_dir / "annotations" / split
+        image_dir.mkdir(parents=True)
+        label_dir.mkdir(parents=True)
+        for index in range(count):
+            rng = np.random.default_rng([seed, split_code, index])   # one stream per image
+            rgb, label = make_sample(rng, size)
+            name = f"demo_{split}_{index:05d}.png"
+            _write_png(rgb, image_dir / name)
+            _write_png(label + 1, label_dir / name)       # ADE20K encoding: 0 = ignore
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    info = {"version": DEMO_VERSION, "seed": seed, "size": size, "splits": splits,
+            "classes": list(DEMO_CLASSES), "context_classes": [DEMO_CLASSES[c] for c in CONTEXT_CLASSES]}
+    (out_dir / "demo_info.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _info_matches(root, seed, splits, size):
+    try:
+        info = json.loads((Path(root) / "demo_info.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (info.get("version") == DEMO_VERSION and info.get("seed") == seed and
+            info.get("size") == size and info.get("splits") == dict(splits))
+
+
+def ensure_demo(root=None, seed=0, splits=None, size=DEMO_SIZE, progress=True):
+    """Return the demo folder, generating it first if missing or made by another version.
+
+    Generation goes to a temporary sibling folder that is renamed into place at the end, so an
+    interrupted run never leaves a half-written set, and concurrent processes (MPI ranks) simply
+    race to rename: the loser deletes its copy and uses the winner's.
+    """
+    root = Path(root) if root is not None else default_root()
+    splits = dict(DEMO_SPLITS if splits is None else splits)
+    if _info_matches(root, seed, splits, size):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        start = time.time()
+        generate(tmp / "set", seed=seed, splits=splits, size=size, progress=progress)
+        elapsed = time.time() - start
+        if root.exists():
+            if _info_matches(root, seed, splits, size):     # another process won the race
+                return root
+            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, stale / "set")                 # set an outdated version aside
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp / "set", root)
+        except OSError:
+            if not _info_matches(root, seed, splits, size):
+                raise
+        if progress:
+            print(f"demo set: {sum(splits.values())} images generated in {root} ({elapsed:.1f} s)")
+        return root
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------- dataset
+@register_dataset("demo")
+class DemoDataset(ADE20KDataset):
+    """The synthetic set above, read through the ADE20K loader (generated on first use).
+
+    Extra options: ``seed`` (default 0), ``splits`` ({"training": n, "validation": m}).
+    Its default augmentation never crops (random resize 0.75-1.0 of 128 px, crop 128), because a
+    crop could cut off the frame that decides the context classes.
+    """
+    CLASSES = DEMO_CLASSES
+    PALETTE = DEMO_PALETTE
+    CONTEXT_CLASSES = CONTEXT_CLASSES
+    DEFAULT_CROP_SIZE = DEMO_SIZE
+    DEFAULT_BASE_SIZE = (DEMO_SIZE, DEMO_SIZE)
+    DEFAULT_RATIO_RANGE = (0.75, 1.0)
+    DOWNLOAD = "nothing to download: the demo set is generated (datasets/demo.py)"
+
+    def __init__(self, data_root=None, seed=0, splits=None, **kwargs):
+        root = ensure_demo(data_root, seed=seed, splits=splits)
+        super().__init__(data_root=root, **kwargs)
+
+    @property
+    def context_class_names(self):
+        return tuple(self.CLASSES[c] for c in self.CONTEXT_CLASSES)
+
+
+# ------------------------------------------------------------------------------------- picture
+def sample_grid(dataset, indices, scale=2):
+    """A PNG-ready picture: per sample, the image and its coloured label side by side, and a
+    legend below (context-dependent classes marked with *)."""
+    from PIL import ImageDraw
+    tiles = []
+    for index in indices:
+        rgb, label = dataset.load_raw(index)
+        pair = np.concatenate([rgb, np.full((rgb.shape[0], 4, 3), 255, np.uint8),
+                               dataset.colorize(label)], axis=1)
+        tiles.append(np.kron(pair, np.ones((scale, scale, 1), np.uint8)))
+    gap = np.full((tiles[0].shape[0], 12, 3), 255, np.uint8)
+    cols = 2
+    rows = [np.concatenate(sum(([t, gap] for t in tiles[i:i + cols]), [])[:-1], axis=1)
+            for i in range(0, len(tiles), cols)]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 12), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    legend_h = 18 * ((len(dataset.CLASSES) + 2) // 3) + 8
+    canvas = Image.new("RGB", (grid.width, grid.height + legend_h), "white")
+    canvas.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, (name, colour) in enumerate(zip(dataset.CLASSES, dataset.PALETTE)):
+        x, y = 8 + (k % 3) * (grid.width // 3), grid.height + 4 + 18 * (k // 3)
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(colour), outline=(0, 0, 0))
+        star = " *" if k in CONTEXT_CLASSES else ""
+        draw.text((x + 18, y), name + star, fill=(0, 0, 0))
+    return canvas
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate the demo set and draw a few samples.")
+    parser.add_argument("--out", default="images/demo_samples.png", help="PNG to write")
+    parser.add_argument("--root", default=None, help="demo folder (default $CCNET_HOME/demo)")
+    parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--num", type=int, default=6, help="number of samples to draw")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    dataset = DemoDataset(data_root=args.root, seed=args.seed, split=args.split, mode="test")
+    picture = sample_grid(dataset, range(min(args.num, dataset.num_samples)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    picture.save(args.out)
+    print(f"wrote {args.out} ({args.num} samples of {dataset.data_root}); "
+          f"context-dependent classes: {', '.join(dataset.context_class_names)}")
+
+
+if __name__ == "__main__":
+    main()
