@@ -1,0 +1,116 @@
+"""The synthetic demo set: deterministic bytes, atomic generation, ADE20K layout, and the property
+it exists for (the context classes are decided only by the frame colour far along the row/column)."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+import datasets
+from datasets import demo
+
+SMALL = {"training": 4, "validation": 2}
+
+
+def file_hashes(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    demo.generate(tmp_path / "a", seed=0, splits=SMALL, progress=False)
+    demo.generate(tmp_path / "b", seed=0, splits=SMALL, progress=False)
+    demo.generate(tmp_path / "c", seed=1, splits=SMALL, progress=False)
+    a, b, c = (file_hashes(tmp_path / n) for n in "abc")
+    assert len(a) == 2 * 6 + 1 and a == b
+    images = [k for k in a if k.startswith("images/")]
+    assert all(a[k] != c[k] for k in images)
+
+
+def test_ensure_demo_is_atomic_and_reuses_the_set(tmp_path, monkeypatch):
+    root = tmp_path / "demo"
+    real = demo.make_sample
+    calls = []
+
+    def failing(rng, size=demo.DEMO_SIZE):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt              # as if the user pressed Ctrl-C mid-way
+        return real(rng, size)
+
+    monkeypatch.setattr(demo, "make_sample", failing)
+    with pytest.raises(KeyboardInterrupt):
+        demo.ensure_demo(root, splits=SMALL, progress=False)
+    assert not root.exists() and list(tmp_path.iterdir()) == []      # no half-written set left
+    monkeypatch.setattr(demo, "make_sample", real)
+
+    assert demo.ensure_demo(root, splits=SMALL, progress=False) == root
+    before = file_hashes(root)
+    stamp = (root / "demo_info.json").stat().st_mtime_ns
+    demo.ensure_demo(root, splits=SMALL, progress=False)                # cached: untouched
+    assert (root / "demo_info.json").stat().st_mtime_ns == stamp
+
+    info = json.loads((root / "demo_info.json").read_text())
+    info["version"] = -1                                                # made by another version
+    (root / "demo_info.json").write_text(json.dumps(info))
+    demo.ensure_demo(root, splits=SMALL, progress=False)
+    assert file_hashes(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_default_location_follows_ccnet_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCNET_HOME", str(tmp_path / "home"))
+    assert demo.default_root() == tmp_path / "home" / "demo"
+    monkeypatch.delenv("CCNET_HOME")
+    assert str(demo.default_root()).endswith(".cache/ccnet-jittor/demo")
+
+
+def test_demo_is_read_by_the_ade20k_loader(tmp_path):
+    ds = datasets.build_dataset("demo", data_root=tmp_path / "demo", split="val", mode="train",
+                                splits=SMALL)
+    assert isinstance(ds, datasets.ADE20KDataset) and ds.num_samples == 2
+    assert ds.num_classes == len(ds.PALETTE) == 7
+    assert ds.context_class_names == ("disc/red-row", "disc/blue-row", "square/cyan-col", "square/orange-col")
+    assert (tmp_path / "demo/images/validation/demo_validation_00000.png").is_file()
+    assert (tmp_path / "demo/annotations/validation/demo_validation_00000.png").is_file()
+    rgb, label = ds.load_raw(0)
+    assert rgb.shape == (128, 128, 3) and label.shape == (128, 128)
+    assert set(np.unique(label).tolist()) <= set(range(7))           # every pixel labelled
+    image, crop = ds[0]
+    assert image.shape == (3, 128, 128) and crop.shape == (128, 128)
+    picture = demo.sample_grid(ds, [0, 1])
+    assert picture.size[0] > 2 * 2 * 128 and picture.mode == "RGB"
+
+
+def nearest(colour, table):
+    return min(table, key=lambda k: np.abs(np.asarray(table[k], float) - colour).sum())
+
+
+def test_context_classes_are_decided_by_the_frame_only():
+    f = demo.FRAME
+    pixels = {c: [] for c in demo.CONTEXT_CLASSES}
+    images_with = {c: 0 for c in demo.CONTEXT_CLASSES}
+    for index in range(12):
+        rgb, label = demo.make_sample(np.random.default_rng([5, index]))
+        left, right = rgb[:, :f].mean(1), rgb[:, -f:].mean(1)
+        top, bottom = rgb[:f].mean(0), rgb[-f:].mean(0)
+        for cls in demo.CONTEXT_CLASSES:
+            ys, xs = np.nonzero(label == cls)
+            images_with[cls] += int(len(ys) > 0)
+            pixels[cls].append(rgb[ys, xs].astype(float))
+            if len(ys) == 0:
+                continue
+            if cls in demo.ROW_COLOURS:       # the frame at both ends of the row says the class
+                assert all(nearest(left[y], demo.ROW_COLOURS) == cls == nearest(right[y], demo.ROW_COLOURS)
+                           for y in np.unique(ys))
+                assert xs.min() - f >= 20 and (128 - f) - xs.max() >= 20        # far from it
+            else:
+                assert all(nearest(top[x], demo.COLUMN_COLOURS) == cls == nearest(bottom[x], demo.COLUMN_COLOURS)
+                           for x in np.unique(xs))
+                assert ys.min() - f >= 20 and (128 - f) - ys.max() >= 20
+    assert min(images_with.values()) >= 3
+    # Locally identical: the two classes of a pair have the same pixel statistics.
+    for a, b in [(demo.DISC_RED, demo.DISC_BLUE), (demo.SQUARE_CYAN, demo.SQUARE_ORANGE)]:
+        pa, pb = np.concatenate(pixels[a]), np.concatenate(pixels[b])
+        assert np.abs(pa.mean(0) - pb.mean(0)).max() < 1.0
+        assert abs(pa.std() - pb.std()) < 1.0
