@@ -184,6 +184,13 @@ def generate(out_dir, seed=0, splits=None, size=DEMO_SIZE, progress=True):
     return info
 
 
+def _mpi_rank():
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
 def _info_matches(root, seed, splits, size):
     try:
         info = json.loads((Path(root) / "demo_info.json").read_text())
@@ -204,6 +211,8 @@ def ensure_demo(root=None, seed=0, splits=None, size=DEMO_SIZE, progress=True):
     splits = dict(DEMO_SPLITS if splits is None else splits)
     if _info_matches(root, seed, splits, size):
         return root
+    # Under MPI every rank generates its own copy (a few seconds); only rank 0 reports it.
+    progress = progress and _mpi_rank() == 0
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
