@@ -308,3 +308,447 @@ def save_checkpoint(path, state, arch=None):
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# =============================================================== state dicts and layouts
+
+WRAPPER_KEYS = ("state_dict", "model")     # mmseg/VAN: "state_dict"; others: "model"
+
+
+def extract_state_dict(obj, where="checkpoint"):
+    """The flat {key: numpy array} inside a checkpoint object: unwraps "state_dict"/"model"
+    nesting, drops non-tensor entries, strips DataParallel's "module." prefix."""
+    for _ in range(3):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where}: expected a dict of tensors, found {type(obj).__name__}"
+                              + (f" ({obj.origin}: a pickled Python object, not a state dict; re-save it "
+                                 "with torch.save(model.state_dict(), path))" if isinstance(obj, Placeholder) else ""))
+    state = {}
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            key = key[len("module."):] if key.startswith("module.") else key
+            state[key] = value
+    if not state:
+        raise CheckpointError(f"{where}: no tensors found (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
+    return state
+
+
+def _prefixed(state, prefix):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _rename(key, table):
+    """Apply the first matching (old_prefix, new_prefix) of ``table``; None when none matches."""
+    for old, new in table:
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def _split_bn_counters(state):
+    kept = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    dropped = {k: "BatchNorm step counter (Jittor keeps none)" for k in state if k not in kept}
+    return kept, dropped
+
+
+def _convert_ours(state):
+    return state, {}, {}
+
+
+OFFICIAL_HEAD_ALIASES = (("head.conv1a", "head.conva"), ("head.conv1b", "head.convb"), ("head.pc", "head.cca"))
+
+
+def _convert_official(state):
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("head.", "dsn.")):
+            out[_rename(key, OFFICIAL_HEAD_ALIASES) or key] = value
+        else:
+            out["backbone." + key] = value
+    return out, {}, {}
+
+
+MMSEG_STEM = (("stem.0", "conv1"), ("stem.1", "bn1"), ("stem.3", "conv2"), ("stem.4", "bn2"),
+              ("stem.6", "conv3"), ("stem.7", "bn3"))
+MMSEG_HEAD = (
+    ("decode_head.convs.0.conv", "head.conva.0"), ("decode_head.convs.0.bn", "head.conva.1"),
+    ("decode_head.convs.1.conv", "head.convb.0"), ("decode_head.convs.1.bn", "head.convb.1"),
+    ("decode_head.conv_cat.conv", "head.bottleneck.0"), ("decode_head.conv_cat.bn", "head.bottleneck.1"),
+    ("decode_head.conv_seg", "head.bottleneck.3"), ("decode_head.cca.gamma.scale", "head.cca.gamma"),
+    ("decode_head.cca", "head.cca"),
+    ("auxiliary_head.convs.0.conv", "dsn.0"), ("auxiliary_head.convs.0.bn", "dsn.1"),
+    ("auxiliary_head.conv_seg", "dsn.3"),
+)
+
+
+def _convert_mmseg_backbone_key(key):
+    return _rename(key, MMSEG_STEM) or key
+
+
+def _convert_mmseg(state):
+    out, filled = {}, {}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            out["backbone." + _convert_mmseg_backbone_key(key[len("backbone."):])] = value
+        else:
+            new = _rename(key, MMSEG_HEAD) or key
+            out[new] = value.reshape(1) if new == "head.cca.gamma" else value   # mmcv Scale: 0-dim
+    if "dsn.0.weight" in out and "dsn.0.bias" not in out:
+        # mmseg's auxiliary conv is followed by BN and has no bias; the official dsn conv has one.
+        # A zero bias is the same function.
+        out["dsn.0.bias"] = np.zeros(out["dsn.0.weight"].shape[0], np.float32)
+        filled["dsn.0.bias"] = "zeros (mmseg's auxiliary conv has no bias)"
+    return out, {}, filled
+
+
+def _drop_classifier(state, prefix):
+    kept = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return kept, {k: "ImageNet classifier" for k in state if k not in kept}
+
+
+def _convert_resnet_imagenet(state):
+    kept, dropped = _drop_classifier(state, "fc.")
+    return _prefixed(kept, "backbone."), dropped, {}
+
+
+def _convert_v1c(state):
+    state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
+    kept, dropped = _drop_classifier(state, "fc.")
+    return {"backbone." + _convert_mmseg_backbone_key(k): v for k, v in kept.items()}, dropped, {}
+
+
+def _convert_van(state):
+    kept, dropped = _drop_classifier(state, "head.")
+    return _prefixed(kept, "backbone."), dropped, {}
+
+
+class Layout:
+    """One checkpoint layout: how to recognise it, how its keys map to ours, what it implies."""
+
+    def __init__(self, name, kind, description, matches, convert, implies=None):
+        self.name, self.kind, self.description = name, kind, description
+        self.matches, self.convert, self.implies = matches, convert, dict(implies or {})
+
+    def __repr__(self):
+        return f"Layout({self.name!r})"
+
+
+def _has(keys, *names):
+    return all(n in keys for n in names)
+
+
+LAYOUTS = {layout.name: layout for layout in (
+    Layout("ccnet_jittor", "segmentor", "ccnet-jittor (this project)",
+           lambda k: any(x.startswith("backbone.") for x in k) and any(x.startswith(("head.", "dsn.")) for x in k)
+           and not any(x.startswith("decode_head.") for x in k),
+           _convert_ours),
+    Layout("ccnet_mmseg", "segmentor", "mmsegmentation CCNet (ResNetV1c + CCHead + FCNHead)",
+           lambda k: any(x.startswith("decode_head.") for x in k), _convert_mmseg,
+           implies=dict(head_act="relu", contract_dilation=True, stem_pool_ceil=False)),
+    Layout("ccnet_official", "segmentor", "official CCNet (speedinghzl/CCNet)",
+           lambda k: "layer1.0.conv1.weight" in k and any(x.startswith(("head.conva.", "head.conv1a.")) for x in k),
+           _convert_official, implies=dict(head_act="leaky_relu", contract_dilation=False, stem_pool_ceil=True)),
+    Layout("van_official", "backbone", "official VAN ImageNet (Visual-Attention-Network)",
+           lambda k: "patch_embed1.proj.weight" in k, _convert_van),
+    Layout("resnet_mmseg_v1c", "backbone", "OpenMMLab ResNetV1c ImageNet (open-mmlab://resnetXX_v1c)",
+           lambda k: "stem.0.weight" in k or "backbone.stem.0.weight" in k, _convert_v1c),
+    Layout("resnet_mit_csail", "backbone", "MIT CSAIL ImageNet ResNet (deep stem, resnet101-imagenet.pth)",
+           lambda k: _has(k, "conv1.weight", "conv2.weight", "conv3.weight", "layer1.0.conv1.weight"),
+           _convert_resnet_imagenet),
+    Layout("resnet_torchvision", "backbone", "torchvision / jittor.models ImageNet ResNet (7x7 stem)",
+           lambda k: _has(k, "conv1.weight", "layer1.0.conv1.weight") and "conv2.weight" not in k,
+           _convert_resnet_imagenet),
+)}
+
+
+def detect_layout(state, where="checkpoint"):
+    keys = set(state)
+    for layout in LAYOUTS.values():
+        if layout.matches(keys):
+            return layout
+    sample = ", ".join(sorted(keys)[:8])
+    raise CheckpointError(f"{where}: unrecognised checkpoint layout (first keys: {sample}). Known layouts: "
+                          + "; ".join(f"{l.name} = {l.description}" for l in LAYOUTS.values()))
+
+
+class Prepared:
+    """A checkpoint read and converted to our key names."""
+
+    def __init__(self, source):
+        self.path = _resolve(source)
+        self.raw = read_checkpoint(self.path)
+        state = extract_state_dict(self.raw, str(self.path))
+        self.layout = detect_layout(state, str(self.path))
+        state, counters = _split_bn_counters(state)
+        self.state, dropped, self.filled = self.layout.convert(state)
+        self.dropped = {**dropped, **counters}
+        zoo_arch = {}
+        if isinstance(source, str) and not os.path.isfile(source):
+            from .model_zoo import ALIASES, MODEL_ZOO
+            zoo_arch = MODEL_ZOO.get(ALIASES.get(source, source), {}).get("arch", {})
+        saved_arch = self.raw.get("arch", {}) if isinstance(self.raw, dict) and isinstance(self.raw.get("arch"), dict) else {}
+        # what the weights' shapes show is a fact and wins; the layout, the zoo entry and the arch
+        # saved with our own files add what shapes cannot show (activation, pooling, recurrence)
+        self.arch = {**self.layout.implies, **zoo_arch, **saved_arch, **_arch_from_weights(self.state, self.layout)}
+
+
+# =============================================================== architecture from weights
+
+def _blocks_per_stage(state, prefix):
+    counts = []
+    for stage in range(1, 5):
+        ids = {int(k.split(".")[2]) for k in state if k.startswith(f"{prefix}layer{stage}.")}
+        counts.append(len(ids))
+    return tuple(counts)
+
+
+def _resnet_arch(state):
+    from models.resnet import DEPTHS
+    block = "bottleneck" if "backbone.layer1.0.conv3.weight" in state else "basic"
+    layers = _blocks_per_stage(state, "backbone.")
+    name = next((n for n, (b, l) in DEPTHS.items() if b == block and tuple(l) == layers), None)
+    if name is None:
+        raise CheckpointError(f"ResNet with {block} blocks {layers} matches none of "
+                              f"{', '.join(f'{n} {l}' for n, (_, l) in DEPTHS.items())}")
+    base = int(state["backbone.layer1.0.conv1.weight"].shape[0])
+    arch = dict(backbone=name, base_channels=base)
+    if "backbone.conv2.weight" in state:
+        widths = tuple(int(state[f"backbone.conv{i}.weight"].shape[0]) for i in (1, 2, 3))
+        arch["stem"] = "deep"
+        arch["stem_widths"] = widths if widths != (base, base, 2 * base) else None
+    else:
+        arch["stem"] = "standard"
+    return arch
+
+
+def _van_arch(state):
+    from models.van import MLP_RATIOS, VAN_SIZES
+    dims = tuple(int(state[f"backbone.patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5))
+    depths = _blocks_per_van_stage(state)
+    ratios = tuple(int(state[f"backbone.block{i}.0.mlp.fc1.weight"].shape[0]) // d for i, d in zip(range(1, 5), dims))
+    for name, size in VAN_SIZES.items():
+        if tuple(size["embed_dims"]) == dims and tuple(size["depths"]) == depths and ratios == tuple(MLP_RATIOS):
+            return dict(backbone=name)
+    return dict(backbone="van_b0", embed_dims=dims, depths=depths, mlp_ratios=ratios)
+
+
+def _blocks_per_van_stage(state):
+    return tuple(len({int(k.split(".")[2]) for k in state if k.startswith(f"backbone.block{i}.")}) for i in range(1, 5))
+
+
+def _arch_from_weights(state, layout):
+    arch = _van_arch(state) if "backbone.patch_embed1.proj.weight" in state else _resnet_arch(state)
+    if layout.kind == "segmentor":
+        arch.update(num_classes=int(state["head.bottleneck.3.weight"].shape[0]),
+                    head_channels=int(state["head.bottleneck.0.weight"].shape[0]),
+                    aux_channels=int(state["dsn.0.weight"].shape[0]))
+    return arch
+
+
+def checkpoint_arch(source):
+    """The build_model options of a checkpoint: from its weights' shapes, its layout, its zoo entry
+    and (our own files) the ``arch`` saved with it."""
+    return dict(Prepared(source).arch)
+
+
+# =============================================================== building and loading
+
+EXTRA_OPTIONS = ("stem_widths", "stem_pool_ceil")   # not build_model options: applied by _adapt_stem
+
+
+def build_from_arch(arch):
+    """build_model(**arch), then the stem variants build_model has no option for (mmseg's 32-32-64
+    deep stem, floor-mode pooling)."""
+    import models
+    options = dict(arch)
+    extra = {k: options.pop(k) for k in EXTRA_OPTIONS if options.get(k) is not None}
+    for k in EXTRA_OPTIONS:
+        options.pop(k, None)
+    if not str(options.get("backbone", "")).startswith("resnet"):
+        extra.pop("stem_pool_ceil", None)
+        options.pop("contract_dilation", None)
+    model = models.build_model(**options)
+    if extra:
+        _adapt_stem(model.backbone, extra.get("stem_widths"), extra.get("stem_pool_ceil"))
+    model.arch_options = dict(arch)
+    return model
+
+
+def _adapt_stem(backbone, widths=None, ceil_mode=None):
+    from jittor import nn
+    if ceil_mode is not None:
+        backbone.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=bool(ceil_mode))
+    if widths is None:
+        return
+    if getattr(backbone, "stem", None) != "deep":
+        raise CheckpointError(f"stem_widths {widths} needs the deep stem")
+    w1, w2, w3 = widths
+    for i, (cin, cout, stride) in enumerate(((3, w1, 2), (w1, w2, 1), (w2, w3, 1)), start=1):
+        setattr(backbone, f"conv{i}", nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False))
+        setattr(backbone, f"bn{i}", nn.BatchNorm2d(cout))
+    first = backbone.layer1[0]
+    old = first.conv1
+    first.conv1 = nn.Conv2d(w3, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                            dilation=old.dilation, bias=False)
+    out_channels = backbone.out_channels[0]
+    if w3 == out_channels:
+        first.downsample = None            # identity shortcut, as mmseg builds it
+    else:
+        first.downsample = nn.Sequential(nn.Conv2d(w3, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+
+
+def _model_facts(model):
+    """Architecture options the weights cannot show, read off a built CCNet (None: unknown)."""
+    facts = {}
+    try:
+        facts["head_act"] = model.head.conva[1].activation
+    except (AttributeError, IndexError, TypeError):
+        pass
+    backbone = getattr(model, "backbone", None)
+    pool = getattr(backbone, "maxpool", None)
+    pool = getattr(pool, "_layer", pool)        # jittor's MaxPool2d wraps a Pool
+    if pool is not None and hasattr(pool, "ceil_mode"):
+        facts["stem_pool_ceil"] = bool(pool.ceil_mode)
+    try:
+        first, second = backbone.layer4[0], backbone.layer4[1]
+        conv = "conv2" if hasattr(first, "conv3") else "conv1"
+        d0, d1 = getattr(first, conv).dilation, getattr(second, conv).dilation
+        d0, d1 = (d0[0] if isinstance(d0, (tuple, list)) else d0), (d1[0] if isinstance(d1, (tuple, list)) else d1)
+        if d1 > 1:
+            facts["contract_dilation"] = d0 < d1
+    except (AttributeError, IndexError, TypeError):
+        pass
+    return facts
+
+
+def _check_variant(model, prepared):
+    facts = _model_facts(model)
+    wrong = [f"{k}={v!r} (model has {facts[k]!r})" for k, v in prepared.layout.implies.items()
+             if k in facts and facts[k] != v]
+    if wrong:
+        raise CheckpointError(
+            f"{prepared.path} ({prepared.layout.description}) was trained with {', '.join(wrong)}: the "
+            f"weights would load but compute something else. Build the model with "
+            f"build_model_from_checkpoint(...) or these options.")
+
+
+def _mismatches(target, state):
+    # in network order (the model's / the file's), so the first lines show where things diverge
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(target[k].shape)}"
+              for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    return missing, unexpected, shapes
+
+
+def _describe_problems(missing, unexpected, shapes, limit=12):
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}:\n    " + "\n    ".join(items[:limit]) + more)
+    return "\n  ".join(parts)
+
+
+def _assign(target, state):
+    import jittor as jt
+    assigned = []
+    for key, value in state.items():
+        var = target[key]
+        var.assign(jt.array(np.ascontiguousarray(value).astype(str(var.dtype))))
+        assigned.append(var)
+    for var in assigned:
+        var.sync()      # JITTOR.md: a freshly assigned 1-element Var (cca.gamma) must be synced once
+    return len(assigned)
+
+
+def _report(log, prepared, loaded, what):
+    if log is None:
+        return
+    log(f"loaded {loaded} tensors into the {what} from {prepared.path.name} ({prepared.layout.description})")
+    notes = {}
+    counters = [k for k in prepared.dropped if k.endswith("num_batches_tracked")]
+    if counters:
+        log(f"  ignored {len(counters)} BatchNorm num_batches_tracked counters (Jittor keeps none)")
+    for key, reason in prepared.dropped.items():
+        if key not in counters:
+            notes.setdefault(f"dropped ({reason})", []).append(key)
+    for key, reason in prepared.filled.items():
+        notes.setdefault(f"filled with {reason}", []).append(key)
+    for title, keys in notes.items():
+        shown = ", ".join(keys[:6]) + (f" ... ({len(keys)} keys)" if len(keys) > 6 else "")
+        log(f"  {title}: {shown}")
+
+
+def load_checkpoint(model, source, strict=True, log=print):
+    """Load a full CCNet checkpoint (ours, official CCNet, mmseg CCNet) into ``model``.
+
+    strict: missing / unexpected / mis-shaped keys raise a CheckpointError listing them (strict=False
+    loads the matching keys and reports the rest). Returns a dict report (layout, loaded, dropped,
+    filled, missing, unexpected, shape_mismatches, raw: the file's full content for resuming).
+    """
+    prepared = source if isinstance(source, Prepared) else Prepared(source)
+    if prepared.layout.kind != "segmentor":
+        raise CheckpointError(f"{prepared.path} holds {prepared.layout.description} weights, a backbone only: "
+                              "use it with train.py --pretrained (load_backbone_weights), not as a full model")
+    _check_variant(model, prepared)
+    target = model.state_dict()
+    missing, unexpected, shapes = _mismatches(target, prepared.state)
+    if strict and (missing or unexpected or shapes):
+        raise CheckpointError(f"{prepared.path} ({prepared.layout.description}) does not fit this model:\n  "
+                              + _describe_problems(missing, unexpected, shapes))
+    bad = set(unexpected) | {s.split(":")[0] for s in shapes}
+    loaded = _assign(target, {k: v for k, v in prepared.state.items() if k not in bad})
+    _report(log, prepared, loaded, "model")
+    if not strict and (missing or unexpected or shapes) and log is not None:
+        log("  not loaded:\n  " + _describe_problems(missing, unexpected, shapes))
+    return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, filled=prepared.filled,
+                missing=missing, unexpected=unexpected, shape_mismatches=shapes, raw=prepared.raw)
+
+
+def load_backbone_weights(model, source, log=print):
+    """``train.py --pretrained``: ImageNet (or a segmentor's) backbone weights into ``model.backbone``
+    (or into ``model`` itself when it is a bare backbone). Every backbone parameter must be provided
+    with the right shape; classifier / head weights are dropped and reported."""
+    prepared = source if isinstance(source, Prepared) else Prepared(source)
+    backbone = getattr(model, "backbone", model)
+    state = {k[len("backbone."):]: v for k, v in prepared.state.items() if k.startswith("backbone.")}
+    for key in prepared.state:
+        if not key.startswith("backbone."):
+            prepared.dropped[key] = "not part of the backbone"
+    target = backbone.state_dict()
+    missing, unexpected, shapes = _mismatches(target, state)
+    if missing or unexpected or shapes:
+        hint = ""
+        if prepared.arch.get("backbone"):
+            opts = {k: v for k, v in prepared.arch.items() if k in ("backbone", "stem", "stem_widths", "base_channels",
+                                                                    "embed_dims", "depths")}
+            hint = f"\n  the weights are for: {opts}"
+        raise CheckpointError(f"{prepared.path} ({prepared.layout.description}) does not fit this backbone:\n  "
+                              + _describe_problems(missing, unexpected, shapes) + hint)
+    loaded = _assign(target, state)
+    _report(log, prepared, loaded, "backbone")
+    return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, arch=prepared.arch)
+
+
+def build_model_from_checkpoint(source, log=print, **overrides):
+    """Build the CCNet variant a full-model checkpoint was trained with and load it (strict).
+
+    The options come from the weights' shapes, the layout (e.g. mmseg: ReLU head, contract
+    dilation), the zoo entry, the ``arch`` saved in our own files, then ``overrides`` (e.g.
+    ``recurrence``, which weights cannot show: R applies one shared module). Returns the model
+    (with ``model.arch_options``) in eval mode.
+    """
+    prepared = Prepared(source)
+    if prepared.layout.kind != "segmentor":
+        raise CheckpointError(f"{prepared.path} holds {prepared.layout.description} weights, a backbone only; "
+                              "a full model needs a segmentation checkpoint")
+    arch = {**prepared.arch, **overrides}
+    model = build_from_arch(arch)
+    load_checkpoint(model, prepared, log=log)
+    model.eval()
+    return model
