@@ -167,6 +167,18 @@ def test_backbone_weights_match_torch(name, layout, dropped):
         assert_close(feature.numpy(), ref[f"out{i}"], f"{name} stage {i + 1}")
 
 
+def test_v1c_weights_adapt_a_default_deep_stem():
+    """train.py builds from flags (64-64-128 stem): V1c weights (32-32-64) rebuild the stem first."""
+    model = models.build_model("resnet50", 3, stem="deep", base_channels=2, output_stride=32, head_channels=8,
+                               aux_channels=4)
+    lines = []
+    ck.load_backbone_weights(model, fixture("resnet_mmseg_v1c.pth"), log=lines.append)
+    assert model.arch_options == {"stem_widths": (1, 1, 2)} and any("adapted" in line for line in lines)
+    model.eval()
+    ref = reference("resnet_mmseg_v1c.pth")
+    assert_close(model.backbone(jt.array(ref["input"]))[3].numpy(), ref["out3"], "adapted V1c stem")
+
+
 def test_backbone_mismatch_names_keys_and_the_right_options():
     model = models.build_model("resnet50", 3, stem="deep", base_channels=2, head_channels=8, aux_channels=4)
     with pytest.raises(ck.CheckpointError) as err:

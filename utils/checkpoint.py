@@ -273,8 +273,12 @@ def _to_numpy(obj):
 
 def _resolve(source):
     if isinstance(source, (str, os.PathLike)):
+        from .download import DownloadError
         from .model_zoo import resolve_source
-        path = Path(resolve_source(str(source)))
+        try:
+            path = Path(resolve_source(os.fspath(source)))
+        except DownloadError as err:        # one exception type for callers of the load_* functions
+            raise CheckpointError(str(err)) from err
         if not path.is_file():
             raise CheckpointError(f"checkpoint file not found: {path}")
         return path
@@ -549,6 +553,28 @@ def _arch_from_weights(state, layout):
     return arch
 
 
+def checkpoint_meta(source):
+    """What utils.evaluation.load_model_for_inference asks: backbone, recurrence, num_classes and the
+    other build_model options (model_opts) of a full-model checkpoint, {} for a backbone one.
+    Variants build_model cannot express (mmseg's 32-32-64 stem) need build_model_from_checkpoint."""
+    prepared = Prepared(source)
+    if prepared.layout.kind != "segmentor":
+        return {}
+    arch = dict(prepared.arch)
+    meta = {k: arch.pop(k) for k in ("backbone", "recurrence", "num_classes") if k in arch}
+    meta["model_opts"] = {k: v for k, v in arch.items() if k not in EXTRA_OPTIONS and k in _build_model_options(meta)}
+    return meta
+
+
+def _build_model_options(meta):
+    """Option names build_model accepts for this backbone (head options + the factory's keywords)."""
+    import inspect
+
+    import models
+    factory = models.BACKBONES[models.resolve_backbone_name(meta.get("backbone", "resnet101"))]
+    return set(models.HEAD_OPTIONS) | set(inspect.signature(factory).parameters)
+
+
 def checkpoint_arch(source):
     """The build_model options of a checkpoint: from its weights' shapes, its layout, its zoo entry
     and (our own files) the ``arch`` saved with it."""
@@ -710,12 +736,20 @@ def load_checkpoint(model, source, strict=True, log=print):
                 missing=missing, unexpected=unexpected, shape_mismatches=shapes, raw=prepared.raw)
 
 
-def load_backbone_weights(model, source, log=print):
+def load_backbone_weights(model, source, log=print, adapt_stem=True):
     """``train.py --pretrained``: ImageNet (or a segmentor's) backbone weights into ``model.backbone``
     (or into ``model`` itself when it is a bare backbone). Every backbone parameter must be provided
-    with the right shape; classifier / head weights are dropped and reported."""
+    with the right shape; classifier / head weights are dropped and reported.
+
+    adapt_stem: when the weights have a deep stem of other widths than the model's (OpenMMLab
+    V1c: 32-32-64), rebuild the model's stem to fit (and its pooling mode, when the zoo entry says)
+    before loading, and record it in ``model.arch_options``. Call this before creating the
+    optimizer: the stem gets new parameters.
+    """
     prepared = source if isinstance(source, Prepared) else Prepared(source)
     backbone = getattr(model, "backbone", model)
+    if adapt_stem:
+        _adapt_stem_to(model, backbone, prepared, log)
     state = {k[len("backbone."):]: v for k, v in prepared.state.items() if k.startswith("backbone.")}
     for key in prepared.state:
         if not key.startswith("backbone."):
@@ -733,6 +767,27 @@ def load_backbone_weights(model, source, log=print):
     loaded = _assign(target, state)
     _report(log, prepared, loaded, "backbone")
     return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, arch=prepared.arch)
+
+
+def _adapt_stem_to(model, backbone, prepared, log):
+    widths = prepared.arch.get("stem_widths")
+    ceil = prepared.arch.get("stem_pool_ceil")
+    if getattr(backbone, "stem", None) != "deep" or "backbone.conv1.weight" not in prepared.state:
+        return
+    current = tuple(int(getattr(backbone, f"conv{i}").weight.shape[0]) for i in (1, 2, 3))
+    changes = {}
+    if widths is not None and tuple(widths) != current:
+        changes["stem_widths"] = tuple(widths)
+    if ceil is not None and _model_facts(model).get("stem_pool_ceil") not in (None, ceil):
+        changes["stem_pool_ceil"] = ceil
+    if not changes:
+        return
+    _adapt_stem(backbone, changes.get("stem_widths"), changes.get("stem_pool_ceil"))
+    options = dict(getattr(model, "arch_options", {}) or {})
+    options.update(changes)
+    model.arch_options = options
+    if log is not None:
+        log(f"  adapted the model's deep stem to the checkpoint: {changes}")
 
 
 def build_model_from_checkpoint(source, log=print, **overrides):

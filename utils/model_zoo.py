@@ -16,10 +16,12 @@ import os
 import re
 from pathlib import Path
 
+from .checkpoint import CheckpointError
+
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/ccnet"
 
 
-class UnknownSourceError(ValueError):
+class UnknownSourceError(CheckpointError):
     """Neither an existing file, nor a URL, nor a model zoo name."""
 
 
