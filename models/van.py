@@ -23,19 +23,13 @@ stages (numbers in the README / benchmarks/model.py).
 """
 import math
 
+import numpy as np
+
 import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 
 from . import register_backbone
-
-# Official ImageNet-1k checkpoints (dicts with a "state_dict" key), from the VAN authors.
-IMAGENET_URLS = {
-    "van_b0": "https://huggingface.co/Visual-Attention-Network/VAN-Tiny-original/resolve/main/van_tiny_754.pth.tar",
-    "van_b1": "https://huggingface.co/Visual-Attention-Network/VAN-Small-original/resolve/main/van_small_811.pth.tar",
-    "van_b2": "https://huggingface.co/Visual-Attention-Network/VAN-Base-original/resolve/main/van_base_828.pth.tar",
-    "van_b3": "https://huggingface.co/Visual-Attention-Network/VAN-Large-original/resolve/main/van_large_839.pth.tar",
-}
 
 # DESIGN.md section 4; all sizes share the MLP ratios [8, 8, 4, 4].
 VAN_SIZES = {
@@ -273,12 +267,16 @@ class VANClassifier(VAN):
 
 
 def official_state_dict(source):
-    """The weight dict inside an official checkpoint: a path (``.pth``/``.pth.tar``) or a dict,
-    either the bare weights or ``{"state_dict": weights}``."""
-    checkpoint = jt.load(source) if isinstance(source, str) else source
+    """The weight dict of an official checkpoint. ``source``: a dict (the bare weights or
+    ``{"state_dict": weights}``) or anything ``utils.checkpoint.read_checkpoint`` reads (a path
+    such as ``van_base_828.pth.tar``, a URL, a model zoo name like ``van_b2``)."""
+    if isinstance(source, dict):
+        checkpoint = source
+    else:
+        from utils.checkpoint import read_checkpoint   # the project's torch-free .pth(.tar) reader
+        checkpoint = read_checkpoint(source)
     if not isinstance(checkpoint, dict):
-        raise TypeError(f"VAN checkpoint {source if isinstance(source, str) else ''}: expected a dict, "
-                        f"got {type(checkpoint).__name__}")
+        raise TypeError(f"VAN checkpoint {source}: expected a dict of weights, got {type(checkpoint).__name__}")
     weights = checkpoint.get("state_dict", checkpoint)
     # checkpoints saved from DataParallel prefix every key with "module."
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
@@ -298,7 +296,7 @@ def load_imagenet_weights(model, source):
     ignored = [k for k in weights
                if k.endswith("num_batches_tracked") or (not has_head and k.startswith("head."))]
     usable = {k: v for k, v in weights.items() if k not in set(ignored)}
-    where = f"VAN checkpoint {source}" if isinstance(source, str) else "VAN checkpoint"
+    where = "VAN checkpoint" if isinstance(source, dict) else f"VAN checkpoint {source}"
     missing = sorted(set(own) - set(usable))
     unexpected = sorted(set(usable) - set(own))
     wrong_shape = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
@@ -314,48 +312,55 @@ def load_imagenet_weights(model, source):
         raise ValueError(f"{where} does not fit this VAN "
                          f"(embed_dims={model.out_channels}, depths={model.depths}): " + "; ".join(problems))
     for name, value in usable.items():
-        array = value.numpy() if isinstance(value, jt.Var) else value
-        own[name].assign(jt.array(array).astype(own[name].dtype))
+        array = np.asarray(value.numpy() if isinstance(value, jt.Var) else value)
+        own[name].assign(jt.array(array.astype(str(own[name].dtype))))
         own[name].sync()   # see JITTOR.md: freshly assigned small Vars must be synced once
     return ignored
 
 
-def _build(name, num_classes=None, pretrained=None, **overrides):
-    allowed = {"embed_dims", "depths", "mlp_ratios", "drop_path_rate", "output_stride", "in_channels"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}, "
-                        f"num_classes, pretrained")
-    config = dict(VAN_SIZES[name], mlp_ratios=MLP_RATIOS, drop_path_rate=0.1, output_stride=8)
-    config.update(overrides)
-    if num_classes:
-        model = VANClassifier(num_classes=num_classes, **config)
-    else:
-        model = VAN(**config)
+def _build(name, output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
+           in_channels=3, num_classes=0, pretrained=None):
+    """A VAN of size ``name`` for segmentation (``num_classes=0``: four stage features) or with the
+    ImageNet head (``num_classes=1000``). ``embed_dims`` / ``depths`` / ``mlp_ratios`` override the
+    size (tiny models for tests); ``pretrained``: an official checkpoint (path, URL, zoo name or
+    dict) loaded strictly by ``load_imagenet_weights``."""
+    config = dict(embed_dims=embed_dims or VAN_SIZES[name]["embed_dims"], depths=depths or VAN_SIZES[name]["depths"],
+                  mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate, output_stride=output_stride,
+                  in_channels=in_channels)
+    model = VANClassifier(num_classes=num_classes, **config) if num_classes else VAN(**config)
     if pretrained:
         load_imagenet_weights(model, pretrained)
     return model
 
 
+# Explicit keyword signatures so that models.build_model can tell backbone options from typos.
 @register_backbone("van_b0")
-def van_b0(**opts):
-    """VAN-b0 (4.1M params with the ImageNet head). ``opts``: see ``_build``."""
-    return _build("van_b0", **opts)
+def van_b0(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
+           in_channels=3, num_classes=0, pretrained=None):
+    """VAN-b0 (4.1M params with the ImageNet head)."""
+    return _build("van_b0", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
+                  num_classes, pretrained)
 
 
 @register_backbone("van_b1")
-def van_b1(**opts):
+def van_b1(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
+           in_channels=3, num_classes=0, pretrained=None):
     """VAN-b1 (13.9M params with the ImageNet head)."""
-    return _build("van_b1", **opts)
+    return _build("van_b1", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
+                  num_classes, pretrained)
 
 
 @register_backbone("van_b2", aliases=("van_base",))
-def van_b2(**opts):
+def van_b2(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
+           in_channels=3, num_classes=0, pretrained=None):
     """VAN-b2 = VAN-base (26.6M params with the ImageNet head)."""
-    return _build("van_b2", **opts)
+    return _build("van_b2", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
+                  num_classes, pretrained)
 
 
 @register_backbone("van_b3")
-def van_b3(**opts):
+def van_b3(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
+           in_channels=3, num_classes=0, pretrained=None):
     """VAN-b3 (44.8M params with the ImageNet head)."""
-    return _build("van_b3", **opts)
+    return _build("van_b3", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
+                  num_classes, pretrained)
