@@ -81,7 +81,7 @@ def masked_cross_entropy(logits, label, keep):
     count = int(keep.sum())
     safe = jt.array(np.where(keep, label, 0).astype(np.int32))
     log_p = _true_class_log_prob(logits, safe)
-    return -(log_p * jt.array(keep.astype(np.float32))).sum() / max(count, 1)
+    return -(log_p * jt.array(keep.astype(np.float32)).cast(logits.dtype)).sum() / max(count, 1)
 
 
 def ohem_keep_mask(prob_true, valid, threshold=0.7, min_kept=100000):
@@ -108,10 +108,15 @@ def _nearest_resize_label(label, size):
 
 
 def category_consistent_terms(features, label, ignore_index=255, delta_v=0.5, delta_d=1.5):
-    """(l_var, l_dis, l_reg) as jt Vars for features [B, D, h, w] and a numpy label [B, H, W]."""
+    """(l_var, l_dis, l_reg) as jt Vars for features [B, D, h, w] and a numpy label [B, H, W].
+
+    Sums are written as broadcast products rather than matmuls: oneDNN's matmul is float32-only,
+    and the gradient checks run in float64 (the tensors here are small: K classes x D x h*w).
+    """
     label = _nearest_resize_label(label, features.shape[2:])
     b, d = features.shape[:2]
-    terms, images = [jt.zeros([1]), jt.zeros([1]), jt.zeros([1])], 0
+    dtype = str(features.dtype)
+    terms, images = [jt.zeros([1], dtype), jt.zeros([1], dtype), jt.zeros([1], dtype)], 0
     for i in range(b):
         flat = label[i].reshape(-1)
         classes = np.unique(flat[flat != ignore_index])
@@ -119,22 +124,23 @@ def category_consistent_terms(features, label, ignore_index=255, delta_v=0.5, de
         if k == 0:
             continue
         images += 1
-        onehot = (flat[None, :] == classes[:, None]).astype(np.float32)           # [K, N]
-        counts = onehot.sum(1)
-        onehot_v = jt.array(onehot)
-        h = features[i].reshape(d, -1).transpose()                                # [N, D]
-        means = jt.matmul(onehot_v, h) / jt.array(counts[:, None])                 # [K, D]
-        own_mean = jt.matmul(onehot_v.transpose(), means)                        # [N, D]
-        dist = ((h - own_mean).sqr().sum(1) + NORM_EPS).sqrt()                   # [N]
+        onehot_np = flat[None, :] == classes[:, None]                               # [K, N]
+        onehot = jt.array(onehot_np.astype(np.float32)).cast(dtype)
+        counts = jt.array(onehot_np.sum(1).astype(np.float32)).cast(dtype)          # N_c
+        h = features[i].reshape(d, -1)                                              # [D, N]
+        means = (onehot.unsqueeze(1) * h.unsqueeze(0)).sum(2) / counts.unsqueeze(1)  # [K, D]
+        own_mean = (onehot.unsqueeze(1) * means.unsqueeze(2)).sum(0)                # [D, N]
+        dist = ((h - own_mean).sqr().sum(0) + NORM_EPS).sqrt()                      # [N]
         phi_var = jt.ternary(dist > delta_d, dist - delta_d + (delta_d - delta_v) ** 2,
                              jt.ternary(dist > delta_v, (dist - delta_v).sqr(), jt.zeros_like(dist)))
-        terms[0] += (jt.matmul(onehot_v, phi_var.unsqueeze(1)).squeeze(1) / jt.array(counts)).mean()
+        terms[0] += ((onehot * phi_var.unsqueeze(0)).sum(1) / counts).mean()
         if k > 1:
             first, second = np.triu_indices(k, 1)
             pairs = np.zeros((len(first), k), np.float32)                           # mu_a - mu_b
             pairs[np.arange(len(first)), first] = 1
             pairs[np.arange(len(first)), second] = -1
-            gap = (jt.matmul(jt.array(pairs), means).sqr().sum(1) + NORM_EPS).sqrt()
+            pairs = jt.array(pairs).cast(dtype)
+            gap = ((pairs.unsqueeze(2) * means.unsqueeze(0)).sum(1).sqr().sum(1) + NORM_EPS).sqrt()
             terms[1] += (2 * delta_d - gap).maximum(0).sqr().mean()
         terms[2] += (means.sqr().sum(1) + NORM_EPS).sqrt().mean()
     return tuple(t / max(images, 1) for t in terms)
