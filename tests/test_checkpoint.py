@@ -9,6 +9,7 @@ pooling, head activation, contract dilation, aux width) and the loaded values at
 import hashlib
 import http.server
 import os
+import pickle
 import re
 import threading
 
@@ -67,9 +68,38 @@ def test_truncated_legacy_file_is_an_error(tmp_path):
         ck.read_checkpoint(str(cut))
 
 
+class _Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"state_dict": {"w": np.ones(2, np.float32)}, "x": _Exploit(str(target))}))
+    obj = ck.read_checkpoint(str(path))
+    assert not target.exists() and isinstance(obj["x"], ck.Placeholder) and "mkdir" in repr(obj["x"])
+    np.testing.assert_array_equal(obj["state_dict"]["w"], [1, 1])
+
+
+def test_jittor_save_with_vars_and_corruption(tmp_path):
+    path = str(tmp_path / "j.pkl")
+    jt.save({"w": jt.array([1.0, 2.0]), "step": 3}, path)
+    obj = ck.read_checkpoint(path)
+    assert obj["step"] == 3 and obj["w"].tolist() == [1.0, 2.0]
+    data = bytearray(open(path, "rb").read())
+    data[40] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ck.CheckpointError, match="checksum mismatch"):
+        ck.read_checkpoint(path)
+
+
 def test_garbage_file_is_an_error(tmp_path):
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(1000))
+    junk.write_bytes(np.random.default_rng(0).bytes(1000))
     with pytest.raises(ck.CheckpointError, match="neither a PyTorch file"):
         ck.read_checkpoint(str(junk))
 
@@ -134,6 +164,15 @@ def test_non_strict_load_skips_and_reports():
     assert sorted(s.split(":")[0] for s in report["shape_mismatches"]) == [
         "dsn.3.bias", "dsn.3.weight", "head.bottleneck.3.bias", "head.bottleneck.3.weight"]
     assert any("not loaded" in line for line in lines)
+
+
+def test_checkpoint_meta_builds_with_plain_build_model():
+    """utils.evaluation.load_model_for_inference: build_model(backbone, classes, R, **model_opts)."""
+    meta = ck.checkpoint_meta(fixture("ccnet_official.pth"))
+    assert meta["backbone"] == "resnet50" and meta["num_classes"] == 3
+    model = models.build_model(meta["backbone"], meta["num_classes"], recurrence=2, **meta["model_opts"])
+    assert ck.load_checkpoint(model, fixture("ccnet_official.pth"), log=None)["loaded"] == 307
+    assert ck.checkpoint_meta(fixture("van_official.pth.tar")) == {}
 
 
 def test_backbone_checkpoint_is_not_a_full_model():

@@ -18,12 +18,16 @@ What train.py / test.py / demo.py call:
 
 ``source`` is a path, a URL or a model zoo name (``utils.model_zoo``).
 
-PyTorch files (.pth / .pth.tar / .pt, zip format and the legacy pre-1.6 format) are read by
-the small reader below, with numpy only: ``jt.load`` accepts only the .pth/.pt/.bin suffixes,
-ignores storage offsets in the legacy format and imports any class a pickle names. This
-reader allows a fixed set of globals (tensors, storages, OrderedDict, numpy arrays) and turns
-anything else (e.g. mmcv objects in a checkpoint's "meta") into inert placeholders.
+PyTorch files (.pth / .pth.tar / .pt, zip format and the legacy pre-1.6 format) and Jittor
+pickles are read by the small reader below, with numpy only (no torch): ``jt.load`` accepts only
+the .pth/.pt/.bin suffixes for PyTorch files, ignores storage offsets in the legacy format and,
+like any plain unpickling, runs whatever code a pickle names. This reader allows a fixed set of
+globals (tensors, storages, OrderedDict, numpy arrays) and turns anything else (e.g. mmcv objects
+in a checkpoint's "meta") into inert placeholders, so a downloaded file cannot run code.
+
+``python -m utils.checkpoint FILE_OR_NAME ...`` prints what a checkpoint is (layout, options).
 """
+import hashlib
 import io
 import os
 import pickle
@@ -109,8 +113,22 @@ class Placeholder:
     def __setstate__(self, state):
         self.state = state
 
+    # container opcodes (SETITEMS / APPENDS) on a placeholder for a dict or list subclass
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("values", []).extend(values)
+
     def __repr__(self):
         return f"<placeholder for {self.origin}>"
+
+
+def _jittor_var(data, *unused):
+    return np.asarray(data)
 
 
 def _placeholder_class(module, name):
@@ -132,6 +150,7 @@ SAFE_GLOBALS = {
     ("numpy._core.multiarray", "scalar"): np.core.multiarray.scalar,
     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): __import__("codecs").encode,
+    ("jittor", "jittor_core.Var"): _jittor_var, ("jittor_core", "Var"): _jittor_var,
 }
 
 
@@ -186,7 +205,7 @@ def _read_torch_zip(path):
             if key not in storages:
                 storage = _Storage(storage_type, numel)
                 raw = archive.read(f"{prefix}data/{key}")
-                storage.data = np.frombuffer(raw, dtype=storage_type.dtype).copy()
+                storage.data = np.frombuffer(raw, dtype=storage_type.dtype)
                 storages[key] = storage
             return storages[key]
 
@@ -226,18 +245,35 @@ def _read_torch_legacy(path):
             raw = f.read(nbytes)
             if len(raw) != nbytes:
                 raise CheckpointError(f"{path}: file ends inside storage {key} (truncated download?)")
-            storage.data = np.frombuffer(raw, dtype=storage.storage_type.dtype).copy()
+            storage.data = np.frombuffer(raw, dtype=storage.storage_type.dtype)
         for root, offset, view in views.values():
             view.data = root.data[offset:offset + view.numel]
     return _materialize(result)
 
 
 def _is_torch_legacy(path):
+    """Legacy files open with the pickled magic number (protocol 2: PROTO 2, LONG1 of 10 bytes)."""
     with open(path, "rb") as f:
-        try:
-            return pickle.load(f) == TORCH_LEGACY_MAGIC
-        except Exception:  # noqa: BLE001  (any unpickling failure: not this format)
-            return False
+        head = f.read(16)
+    return head[2:4] == b"\x8a\x0a" and head[4:14] == TORCH_LEGACY_MAGIC.to_bytes(10, "little")
+
+
+JITTOR_TRAILER = b"HCAJSLHD"        # jt.save: pickle + sha1(pickle) + this marker
+
+
+def _read_jittor_pickle(path):
+    """A jt.save / save_checkpoint file (or a plain pickle), through the same restricted unpickler."""
+    data = Path(path).read_bytes()
+    if data.endswith(JITTOR_TRAILER):
+        body, checksum = data[:-28], data[-28:-8]
+        if hashlib.sha1(body).digest() != checksum:
+            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt (truncated copy?)")
+        data = body
+    try:
+        return _TorchUnpickler(io.BytesIO(data), None).load()
+    except Exception as err:  # noqa: BLE001  (random bytes fail in many ways; all mean "not a pickle")
+        raise CheckpointError(f"{path}: neither a PyTorch file (zip or legacy) nor a Jittor pickle "
+                              f"({type(err).__name__}: {err})") from err
 
 
 def read_checkpoint(source):
@@ -250,13 +286,7 @@ def read_checkpoint(source):
         return _read_torch_zip(path)
     if _is_torch_legacy(path):
         return _read_torch_legacy(path)
-    try:
-        import jittor as jt
-        obj = jt.load(str(path))
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: neither a PyTorch file (zip or legacy) nor a Jittor pickle "
-                              f"({type(err).__name__}: {err})") from err
-    return _to_numpy(obj)
+    return _read_jittor_pickle(path)
 
 
 def _to_numpy(obj):
@@ -807,3 +837,32 @@ def build_model_from_checkpoint(source, log=print, **overrides):
     load_checkpoint(model, prepared, log=log)
     model.eval()
     return model
+
+
+def describe(source):
+    """A few lines on what a checkpoint is: layout, kind, build options, tensors, dropped keys."""
+    prepared = Prepared(source)
+    lines = [f"{prepared.path}", f"  layout: {prepared.layout.name} ({prepared.layout.description}), "
+             f"{prepared.layout.kind}", f"  tensors: {len(prepared.state)} "
+             f"({sum(v.size for v in prepared.state.values()) / 1e6:.2f} M values)",
+             f"  build options: {prepared.arch}"]
+    dropped = [k for k in prepared.dropped if not k.endswith("num_batches_tracked")]
+    if dropped:
+        lines.append(f"  dropped: {', '.join(dropped[:8])}" + (" ..." if len(dropped) > 8 else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    # run as a script this file is __main__; use the importable module so exception classes match
+    from utils.checkpoint import CheckpointError, describe  # noqa: F811
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m utils.checkpoint FILE_URL_OR_ZOO_NAME ...")
+    status = 0
+    for item in sys.argv[1:]:
+        try:
+            print(describe(item))
+        except CheckpointError as err:
+            print(f"{item}: {err}", file=sys.stderr)
+            status = 2
+    sys.exit(status)

@@ -175,8 +175,12 @@ def zoo_table():
         e = MODEL_ZOO[name]
         if "miou" in e:
             ss, ms = e["miou"]
-            score = f"{e['dataset']} mIoU {ss}" + (f" / {ms} (ms+flip)" if ms else "")
+            score = f"{e['dataset']} val mIoU {ss:.2f}" + (f" / {ms:.2f} (ms+flip)" if ms else "")
         else:
             score = f"ImageNet top-1 {e['top1']}" if e.get("top1") else "ImageNet"
         rows.append(f"| `{name}` | {e['kind']} | {e['layout']} | {score} | [{e['source']}]({e['url']}) |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(zoo_table())          # python -m utils.model_zoo: the README table
