@@ -174,6 +174,16 @@ def test_checkpoint_meta_builds_with_plain_build_model():
     assert ck.load_checkpoint(model, fixture("ccnet_official.pth"), log=None)["loaded"] == 307
     assert ck.checkpoint_meta(fixture("van_official.pth.tar")) == {}
 
+    # mmseg: build_model has no 32-32-64 stem / floor pooling option; loading adapts the stem
+    meta = ck.checkpoint_meta(fixture("ccnet_mmseg.pth"))
+    model = models.build_model(meta["backbone"], meta["num_classes"], recurrence=2, **meta["model_opts"])
+    lines = []
+    ck.load_checkpoint(model, fixture("ccnet_mmseg.pth"), log=lines.append)
+    assert any("adapted" in line and "stem_pool_ceil" in line for line in lines)
+    model.eval()
+    ref = reference("ccnet_mmseg.pth")
+    assert_close(model(jt.array(ref["input"])).numpy(), ref["out0"], "mmseg via checkpoint_meta")
+
 
 def test_backbone_checkpoint_is_not_a_full_model():
     with pytest.raises(ck.CheckpointError, match="backbone only"):

@@ -740,17 +740,23 @@ def _report(log, prepared, loaded, what):
         log(f"  {title}: {shown}")
 
 
-def load_checkpoint(model, source, strict=True, log=print):
+def load_checkpoint(model, source, strict=True, log=print, adapt_stem=None):
     """Load a full CCNet checkpoint (ours, official CCNet, mmseg CCNet) into ``model``.
 
     strict: missing / unexpected / mis-shaped keys raise a CheckpointError listing them (strict=False
     loads the matching keys and reports the rest). Returns a dict report (layout, loaded, dropped,
     filled, missing, unexpected, shape_mismatches, raw: the file's full content for resuming).
+
+    adapt_stem (default: for foreign layouts only, never for our own files, which train.py resumes
+    with an optimizer already holding the parameters): rebuild the deep stem to the checkpoint's
+    widths / pooling, which build_model has no option for (mmseg's 32-32-64 stem, floor-mode pool).
     """
     prepared = source if isinstance(source, Prepared) else Prepared(source)
     if prepared.layout.kind != "segmentor":
         raise CheckpointError(f"{prepared.path} holds {prepared.layout.description} weights, a backbone only: "
                               "use it with train.py --pretrained (load_backbone_weights), not as a full model")
+    if adapt_stem if adapt_stem is not None else prepared.layout.name != "ccnet_jittor":
+        _adapt_stem_to(model, getattr(model, "backbone", None), prepared, log)
     _check_variant(model, prepared)
     target = model.state_dict()
     missing, unexpected, shapes = _mismatches(target, prepared.state)
@@ -802,8 +808,8 @@ def load_backbone_weights(model, source, log=print, adapt_stem=True):
 def _adapt_stem_to(model, backbone, prepared, log):
     widths = prepared.arch.get("stem_widths")
     ceil = prepared.arch.get("stem_pool_ceil")
-    if getattr(backbone, "stem", None) != "deep" or "backbone.conv1.weight" not in prepared.state:
-        return
+    if getattr(backbone, "stem", None) != "deep" or "backbone.conv2.weight" not in prepared.state:
+        return          # only deep stems are adapted: a standard-vs-deep mismatch stays an error
     current = tuple(int(getattr(backbone, f"conv{i}").weight.shape[0]) for i in (1, 2, 3))
     changes = {}
     if widths is not None and tuple(widths) != current:
