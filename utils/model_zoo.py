@@ -154,8 +154,8 @@ def is_url(text):
 def resolve_source(source, progress=True):
     """Local path for a checkpoint given as an existing path, an http(s) URL or a zoo name."""
     text = os.fspath(source)
-    if os.path.isfile(text):
-        return Path(text)
+    if os.path.isfile(os.path.expanduser(text)):
+        return Path(os.path.expanduser(text))
     if is_url(text):
         from .download import download
         return download(text, progress=progress)
