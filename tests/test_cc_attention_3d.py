@@ -1,0 +1,211 @@
+"""Space-time criss-cross attention (issue 9): ca_weight_3d / ca_map_3d / CrissCrossAttention3D.
+
+Layout for clips [B, C, T, H, W]: the path of (t, y, x) has T + H + W - 2 entries: W row entries
+(t, y, i), H - 1 column entries (t, j if j < y else j + 1, x), T - 1 temporal entries
+(j if j < t else j + 1, y, x). T = 1 is the 2D layout.
+"""
+import numpy as np
+import pytest
+
+import jittor as jt
+
+from models import cc_attention as cca
+from models.cc_attention import CrissCrossAttention, CrissCrossAttention3D, ca_map_3d, ca_weight_3d
+
+KERNEL_IMPLS = ("fused", "elementwise")
+SHAPES = [(1, 3, 1, 4, 5), (2, 5, 2, 3, 4), (1, 4, 5, 2, 3), (1, 2, 3, 1, 1)]   # T = 1, 2, 5; H != W
+
+
+@pytest.fixture(autouse=True)
+def keep_float64():
+    previous = jt.flags.auto_convert_64_to_32
+    jt.flags.auto_convert_64_to_32 = 0
+    yield
+    jt.flags.auto_convert_64_to_32 = previous
+
+
+def _random(rng, shape, dtype="float64"):
+    return jt.array(rng.standard_normal(shape).astype(dtype))
+
+
+def _rel_err(actual, expected, floor=1e-30):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return np.abs(actual - expected).max() / max(np.abs(expected).max(), floor)
+
+
+def _path(t, y, x, tt, h, w):
+    return ([(t, y, i) for i in range(w)] + [(t, j if j < y else j + 1, x) for j in range(h - 1)]
+            + [(j if j < t else j + 1, y, x) for j in range(tt - 1)])
+
+
+def numpy_ca_weight_3d(q, k):
+    b, _, tt, h, w = q.shape
+    energy = np.zeros((b, tt + h + w - 2, tt, h, w))
+    for t in range(tt):
+        for y in range(h):
+            for x in range(w):
+                for i, (pt, py, px) in enumerate(_path(t, y, x, tt, h, w)):
+                    energy[:, i, t, y, x] = (q[:, :, t, y, x] * k[:, :, pt, py, px]).sum(1)
+    return energy
+
+
+def numpy_ca_map_3d(a, v):
+    out = np.zeros(v.shape)
+    tt, h, w = v.shape[2:]
+    for t in range(tt):
+        for y in range(h):
+            for x in range(w):
+                for i, (pt, py, px) in enumerate(_path(t, y, x, tt, h, w)):
+                    out[:, :, t, y, x] += a[:, i, t, y, x][:, None] * v[:, :, pt, py, px]
+    return out
+
+
+@pytest.mark.parametrize("impl", cca.IMPLS)
+def test_layout_3d(impl):
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 3, 3, 4, 5)), rng.standard_normal((2, 3, 3, 4, 5))
+    energy = ca_weight_3d(jt.array(q), jt.array(k), impl=impl)
+    assert energy.shape == [2, 3 + 4 + 5 - 2, 3, 4, 5]
+    np.testing.assert_allclose(energy.numpy(), numpy_ca_weight_3d(q, k), rtol=1e-12, atol=1e-12)
+    a, v = rng.standard_normal((2, 10, 3, 4, 5)), rng.standard_normal((2, 6, 3, 4, 5))
+    np.testing.assert_allclose(ca_map_3d(jt.array(a), jt.array(v), impl=impl).numpy(), numpy_ca_map_3d(a, v),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_layout_3d_by_hand():
+    """Position (t=1, y=0, x=1) of a 3x2x2 clip: row, then column, then the other frames."""
+    tt, h, w = 3, 2, 2
+    key = np.arange(tt * h * w, dtype=np.float64).reshape(1, 1, tt, h, w)   # key = flat index t*4+y*2+x
+    energy = ca_weight_3d(jt.array(np.ones((1, 1, tt, h, w))), jt.array(key)).numpy()[0, :, 1, 0, 1]
+    np.testing.assert_array_equal(energy, [4, 5, 7, 1, 9])
+
+
+def _op_outputs(impl, q, k, v, g):
+    energy = ca_weight_3d(q, k, impl=impl)
+    out = ca_map_3d(jt.nn.softmax(energy, dim=1), v, impl=impl)
+    return [energy.numpy(), out.numpy()] + [gr.numpy() for gr in jt.grad((out * g).sum(), [q, k, v])]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_3d_match_reference(shape, dtype):
+    rng = np.random.default_rng(1)
+    b, c = shape[:2]
+    q, k = _random(rng, shape, dtype), _random(rng, shape, dtype)
+    v, g = _random(rng, (b, c + 2) + shape[2:], dtype), _random(rng, (b, c + 2) + shape[2:], dtype)
+    expected = _op_outputs("reference", q, k, v, g)
+    tolerances = [1e-5, 1e-5, 1e-4, 1e-4, 1e-4] if dtype == "float32" else [1e-12] * 5
+    for impl in KERNEL_IMPLS:
+        for name, actual, wanted, tol in zip(["energy", "out", "dq", "dk", "dv"],
+                                             _op_outputs(impl, q, k, v, g), expected, tolerances):
+            assert _rel_err(actual, wanted) <= tol, (impl, name)
+
+
+def _finite_difference_check(fn, inputs, rng, coords=4, eps=1e-6):
+    out = fn(*inputs)
+    g = rng.standard_normal(out.shape)
+    analytic = [gr.numpy() for gr in jt.grad((out * jt.array(g)).sum(), inputs)]
+    for var, grad in zip(inputs, analytic):
+        base = var.numpy().copy()
+        for flat in rng.choice(base.size, size=min(coords, base.size), replace=False):
+            losses = []
+            for step in (eps, -eps):
+                probe = base.copy()
+                probe.flat[flat] += step
+                var.assign(jt.array(probe))
+                losses.append((fn(*inputs).numpy() * g).sum())
+            var.assign(jt.array(base))
+            numeric = (losses[0] - losses[1]) / (2 * eps)
+            assert abs(grad.flat[flat] - numeric) <= 1e-6 * max(1.0, abs(numeric)), (flat, grad.flat[flat], numeric)
+
+
+def test_op_3d_gradients_finite_differences():
+    rng = np.random.default_rng(2)
+    q, k = _random(rng, (1, 3, 3, 2, 4)), _random(rng, (1, 3, 3, 2, 4))
+    _finite_difference_check(lambda q_, k_: ca_weight_3d(q_, k_), [q, k], rng)
+    a, v = _random(rng, (1, 7, 3, 2, 4)), _random(rng, (1, 5, 3, 2, 4))
+    _finite_difference_check(lambda a_, v_: ca_map_3d(a_, v_), [a, v], rng)
+
+
+def _module_3d(channels, impl, gamma=0.6, seed=0):
+    jt.set_global_seed(seed)
+    module = CrissCrossAttention3D(channels, impl=impl)
+    for p in module.parameters():
+        p.assign(p.float64())
+    module.gamma.assign(jt.array(np.array([gamma])))
+    return module
+
+
+def _params(module):
+    return [module.query_conv.weight, module.query_conv.bias, module.key_conv.weight, module.key_conv.bias,
+            module.value_conv.weight, module.value_conv.bias, module.gamma]
+
+
+def test_module_3d_matches_reference_and_finite_differences():
+    rng = np.random.default_rng(3)
+    x, g = _random(rng, (2, 16, 3, 4, 2)), _random(rng, (2, 16, 3, 4, 2))
+    results = {}
+    for impl in ("fused", "reference"):
+        module = _module_3d(16, impl)
+        out = module(module(x))
+        results[impl] = [out.numpy()] + [gr.numpy() for gr in jt.grad((out * g).sum(), [x] + _params(module))]
+    for actual, expected in zip(results["fused"], results["reference"]):
+        assert _rel_err(actual, expected, floor=1.0) <= 1e-10
+    module = _module_3d(16, "fused")
+    _finite_difference_check(lambda x_, *params: module(module(x_)), [x] + _params(module), rng, coords=2)
+
+
+def test_module_3d_contract_and_keep_attention():
+    module = CrissCrossAttention3D(16)
+    assert module.gamma.shape == [1] and float(module.gamma.numpy()[0]) == 0.0
+    assert module.value_conv.weight.shape == [16, 16, 1, 1, 1]
+    assert set(module.state_dict()) == set(CrissCrossAttention(16).state_dict())
+    rng = np.random.default_rng(4)
+    x = _random(rng, (1, 16, 3, 4, 5))
+    attentions = {}
+    for impl in cca.IMPLS:
+        module = _module_3d(16, impl)
+        module.keep_attention = True
+        module(x)
+        attentions[impl] = module.last_attention.numpy()
+    assert attentions["fused"].shape == (1, 3 + 4 + 5 - 2, 3, 4, 5)
+    np.testing.assert_allclose(attentions["fused"].sum(1), 1.0, rtol=1e-12)
+    for impl in ("elementwise", "reference"):
+        np.testing.assert_allclose(attentions[impl], attentions["fused"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("impl", cca.IMPLS)
+def test_single_frame_equals_2d(impl):
+    """T = 1: the 3D module computes exactly what the 2D module computes with the same weights."""
+    rng = np.random.default_rng(5)
+    x2d, g2d = _random(rng, (2, 16, 5, 3)), _random(rng, (2, 16, 5, 3))
+    module3d = _module_3d(16, impl)
+    jt.set_global_seed(0)
+    module2d = CrissCrossAttention(16, impl=impl)
+    for p2, p3 in zip(_params(module2d), _params(module3d)):
+        p2.assign(p3.reshape(p2.shape))
+    out2d = module2d(module2d(x2d))
+    grads2d = jt.grad((out2d * g2d).sum(), [x2d] + _params(module2d))
+    x3d, g3d = x2d.unsqueeze(2), g2d.unsqueeze(2)
+    out3d = module3d(module3d(x3d))
+    grads3d = jt.grad((out3d * g3d).sum(), [x3d] + _params(module3d))
+    tol = 0 if impl != "reference" else 1e-12       # same kernels vs two matmul formulations
+    np.testing.assert_allclose(out3d.numpy()[:, :, 0], out2d.numpy(), rtol=tol, atol=tol)
+    for gr3, gr2 in zip(grads3d, grads2d):
+        np.testing.assert_allclose(gr3.numpy().reshape(gr2.shape), gr2.numpy(), rtol=tol, atol=tol)
+
+
+def _zeros(*shape, dtype="float32"):
+    return jt.zeros(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ca_weight_3d(_zeros(1, 2, 3, 4), _zeros(1, 2, 3, 4)), r"query must be 5-D \[B, C, T, H, W\], got shape \[1, 2, 3, 4\]"),
+    (lambda: ca_weight_3d(_zeros(1, 2, 2, 3, 4), _zeros(1, 2, 3, 3, 4)), r"query \[1, 2, 2, 3, 4\] and key \[1, 2, 3, 3, 4\]"),
+    (lambda: ca_map_3d(_zeros(1, 6, 2, 3, 4), _zeros(1, 8, 2, 3, 4)), r"attention \[1, 6, 2, 3, 4\] must have 7 channels"),
+    (lambda: CrissCrossAttention3D(16)(_zeros(1, 16, 3, 3)), r"input must be \[B, C, T, H, W\] with C = 16, got shape \[1, 16, 3, 3\]"),
+    (lambda: CrissCrossAttention3D(7), r"in_channels=7"),
+])
+def test_bad_input_3d(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
