@@ -1,20 +1,24 @@
 """Built-in synthetic demo set where long-range context decides the class.
 
-Every 128x128 image has a coloured frame. The left and right strips are cut into row segments,
-each red or blue; the top and bottom strips into column segments, each cyan or orange. Inside
-the frame lie grey discs, grey squares and white rings on a textured background:
+Every 128x128 image has a frame. Its left strip (16 px wide) is cut into row segments 16-40 px
+tall, each red or blue; its top strip into column segments, each cyan or orange; the right and
+bottom strips (8 px) are neutral grey. Inside lie grey discs, grey squares and white rings on a
+textured background. 11 classes:
 
-* a grey **disc** is "disc/red-row" or "disc/blue-row" depending only on the colour of the frame
-  segment at the two ends of *its row* (the disc always fits inside one segment's rows);
+* background, frame (the neutral strips), ring, and the four marker classes (marker/red, ...):
+  all recognisable locally;
+* a grey **disc** is "disc/red-row" or "disc/blue-row" depending only on the colour of the left
+  marker of *its row* (a disc always fits inside one segment's rows);
 * a grey **square** is "square/cyan-col" or "square/orange-col" depending only on the colour of
-  the frame segment at the two ends of *its column*;
-* rings, frame and background can be told apart locally.
+  the top marker of *its column*.
 
-Discs of both classes look exactly alike (same grey, same noise), as do squares, and they sit 20-60
-pixels away from the frame, while the segment colours change every 16-40 pixels: a model must look
-far along the same row or column, which is exactly what criss-cross attention does (R=1 already
-sees the whole row and column; R=2 the whole image). ``CONTEXT_CLASSES`` lists those four classes;
-a model without attention (R=0) can only guess between the two classes of a pair.
+Discs of both classes look exactly alike (same grey, same noise), as do squares, and they lie in
+the right (discs) or lower (squares) part of the image, 54-100 px from their marker, while the
+marker colour changes every 16-40 px along the strip: a model must look far along the same row
+or column, which is what criss-cross attention does (R=1 already sees the whole row and column,
+R=2 the whole image). ``CONTEXT_CLASSES`` lists those four classes. The markers are classes of
+their own so that the features at a marker encode its colour from the start; attention then only
+has to carry that along the row or column.
 
 The set is generated on first use into ``$CCNET_HOME/demo`` (default ``~/.cache/ccnet-jittor/demo``)
 in ADE20K's layout (``images/{training,validation}/*.png``, ``annotations/...``, annotation value
@@ -37,17 +41,24 @@ from PIL import Image
 from .ade20k import ADE20KDataset
 from .base import register_dataset
 
-DEMO_VERSION = 1           # bump when the generator changes: cached sets are then regenerated
+DEMO_VERSION = 4           # bump when the generator changes: cached sets are then regenerated
 DEMO_SIZE = 128
 DEMO_SPLITS = {"training": 300, "validation": 50}
-FRAME = 8                  # width of the frame strips, in pixels
+FRAME = 8                  # width of the neutral frame strips (right, bottom), in pixels
+MARKER = 16                # width of the marker strips (left, top), in pixels
 
-DEMO_CLASSES = ("background", "frame", "ring", "disc/red-row", "disc/blue-row",
-                "square/cyan-col", "square/orange-col")
-DEMO_PALETTE = [[60, 60, 60], [230, 230, 230], [250, 250, 120], [230, 50, 50], [60, 90, 230],
-                [50, 210, 210], [250, 150, 40]]
-BACKGROUND, FRAME_CLASS, RING, DISC_RED, DISC_BLUE, SQUARE_CYAN, SQUARE_ORANGE = range(7)
+DEMO_CLASSES = ("background", "frame", "ring",
+                "marker/red", "marker/blue", "marker/cyan", "marker/orange",
+                "disc/red-row", "disc/blue-row", "square/cyan-col", "square/orange-col")
+DEMO_PALETTE = [[60, 60, 60], [230, 230, 230], [250, 250, 120],
+                [140, 20, 20], [20, 40, 140], [20, 120, 130], [160, 90, 10],
+                [240, 60, 60], [70, 110, 250], [60, 230, 230], [255, 170, 60]]
+(BACKGROUND, FRAME_CLASS, RING, MARK_RED, MARK_BLUE, MARK_CYAN, MARK_ORANGE,
+ DISC_RED, DISC_BLUE, SQUARE_CYAN, SQUARE_ORANGE) = range(11)
 CONTEXT_CLASSES = (DISC_RED, DISC_BLUE, SQUARE_CYAN, SQUARE_ORANGE)
+# The markers have classes of their own, so that the features at the marker already encode its
+# colour: attention then only has to carry it along the row/column (learned in a few hundred steps).
+MARKER_OF = {DISC_RED: MARK_RED, DISC_BLUE: MARK_BLUE, SQUARE_CYAN: MARK_CYAN, SQUARE_ORANGE: MARK_ORANGE}
 
 # Marker colours: each pair is >= 120 degrees apart in hue, so photometric hue jitter (+-36
 # degrees) cannot turn one into the other.
@@ -55,6 +66,8 @@ ROW_COLOURS = {DISC_RED: (205, 35, 35), DISC_BLUE: (40, 60, 210)}
 COLUMN_COLOURS = {SQUARE_CYAN: (30, 190, 200), SQUARE_ORANGE: (235, 140, 25)}
 OBJECT_GREY = 178
 RING_WHITE = 245
+NEUTRAL_GREY = (110, 110, 110)
+FAR_FRACTION = 0.625       # disc centres right of / square centres below this fraction of the size
 
 
 def default_root():
@@ -93,21 +106,22 @@ def make_sample(rng, size=DEMO_SIZE):
     rgb = base + smooth + rng.normal(0.0, 7.0, size=(s, s, 3))
     label = np.full((s, s), BACKGROUND, np.uint8)
     free = np.ones((s, s), bool)                     # interior pixels not yet used by an object
-    free[:f + 2, :] = free[-f - 2:, :] = free[:, :f + 2] = free[:, -f - 2:] = False
+    free[:MARKER + 2, :] = free[-f - 2:, :] = free[:, :MARKER + 2] = free[:, -f - 2:] = False
 
-    # Frame: row segments (left/right strips) and column segments (top/bottom strips).
-    rows = [(a, b, int(rng.choice(list(ROW_COLOURS)))) for a, b in _segments(rng, f, s - f)]
-    cols = [(a, b, int(rng.choice(list(COLUMN_COLOURS)))) for a, b in _segments(rng, f, s - f)]
+    # Frame: the left strip is cut into row segments (red/blue), the top strip into column
+    # segments (cyan/orange); the right and bottom strips and the corners are neutral grey. One
+    # marker per row/column, on the far side of the objects: the cue is 50-100 pixels away.
+    rows = [(a, b, int(rng.choice(list(ROW_COLOURS)))) for a, b in _segments(rng, MARKER, s - f)]
+    cols = [(a, b, int(rng.choice(list(COLUMN_COLOURS)))) for a, b in _segments(rng, MARKER, s - f)]
+    m = MARKER
+    label[:m, :] = label[-f:, :] = label[:, :m] = label[:, -f:] = FRAME_CLASS
+    rgb[label == FRAME_CLASS] = _noisy(rng, (int((label == FRAME_CLASS).sum()),), NEUTRAL_GREY, 6.0)
     for a, b, cls in rows:
-        for x0 in (0, s - f):
-            rgb[a:b, x0:x0 + f] = _noisy(rng, (b - a, f), ROW_COLOURS[cls], 6.0)
+        rgb[a:b, :m] = _noisy(rng, (b - a, m), ROW_COLOURS[cls], 6.0)
+        label[a:b, :m] = MARKER_OF[cls]
     for a, b, cls in cols:
-        for y0 in (0, s - f):
-            rgb[y0:y0 + f, a:b] = _noisy(rng, (f, b - a), COLUMN_COLOURS[cls], 6.0)
-    for y0 in (0, s - f):                            # the four corners: neutral grey
-        for x0 in (0, s - f):
-            rgb[y0:y0 + f, x0:x0 + f] = _noisy(rng, (f, f), (110, 110, 110), 6.0)
-    label[:f, :] = label[-f:, :] = label[:, :f] = label[:, -f:] = FRAME_CLASS
+        rgb[:m, a:b] = _noisy(rng, (m, b - a), COLUMN_COLOURS[cls], 6.0)
+        label[:m, a:b] = MARKER_OF[cls]
 
     def place(mask, cls, colour):
         grown = mask.copy()                          # keep 2 pixels between objects
@@ -120,31 +134,31 @@ def make_sample(rng, size=DEMO_SIZE):
         label[mask] = cls
         return True
 
-    # Far from the frame: object centres stay in the middle band of the image.
-    lo, hi = int(0.34 * s), int(0.66 * s)
+    # Far from the markers: discs in the right part of the image, squares in the lower part.
+    far = int(FAR_FRACTION * s)
     for _ in range(int(rng.integers(2, 5))):         # discs: class from their row segment
         for _try in range(30):
             a, b, cls = rows[int(rng.integers(len(rows)))]
-            r = int(rng.integers(5, min(10, (b - a - 2) // 2) + 1))
+            r = int(rng.integers(6, min(10, (b - a - 2) // 2) + 1))
             cy = int(rng.integers(a + r + 1, b - r))
-            cx = int(rng.integers(lo, hi + 1))
+            cx = int(rng.integers(far, s - f - r - 3))
             if place((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r, cls, (OBJECT_GREY,) * 3):
                 break
     for _ in range(int(rng.integers(2, 5))):         # squares: class from their column segment
         for _try in range(30):
             a, b, cls = cols[int(rng.integers(len(cols)))]
-            side = int(rng.integers(9, min(18, b - a - 2) + 1))
+            side = int(rng.integers(11, min(18, b - a - 2) + 1))
             x0 = int(rng.integers(a + 1, b - side))
-            y0 = int(rng.integers(lo - side // 2, hi - side // 2 + 1))
+            y0 = int(rng.integers(far - side // 2, s - f - side - 3))
             mask = (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
             if place(mask, cls, (OBJECT_GREY,) * 3):
                 break
     for _ in range(int(rng.integers(1, 3))):         # rings: recognisable locally, anywhere inside
         for _try in range(30):
-            r = int(rng.integers(7, 12))
-            cy, cx = (int(v) for v in rng.integers(f + r + 3, s - f - r - 3, size=2))
+            r = int(rng.integers(8, 13))
+            cy, cx = (int(v) for v in rng.integers(MARKER + r + 3, s - f - r - 3, size=2))
             d2 = (yy - cy) ** 2 + (xx - cx) ** 2
-            if place((d2 <= r * r) & (d2 >= (r - 3) ** 2), RING, (RING_WHITE,) * 3):
+            if place((d2 <= r * r) & (d2 >= (r - 4) ** 2), RING, (RING_WHITE,) * 3):
                 break
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), label
 
@@ -244,7 +258,8 @@ class DemoDataset(ADE20KDataset):
 
     Extra options: ``seed`` (default 0), ``splits`` ({"training": n, "validation": m}).
     Its default augmentation never crops (random resize 0.75-1.0 of 128 px, crop 128), because a
-    crop could cut off the frame that decides the context classes.
+    crop could cut off the markers that decide the context classes; flips are fine (the model
+    then finds the markers on the right or at the top).
     """
     CLASSES = DEMO_CLASSES
     PALETTE = DEMO_PALETTE

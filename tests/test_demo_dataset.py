@@ -69,13 +69,13 @@ def test_demo_is_read_by_the_ade20k_loader(tmp_path):
     ds = datasets.build_dataset("demo", data_root=tmp_path / "demo", split="val", mode="train",
                                 splits=SMALL)
     assert isinstance(ds, datasets.ADE20KDataset) and ds.num_samples == 2
-    assert ds.num_classes == len(ds.PALETTE) == 7
+    assert ds.num_classes == len(ds.PALETTE) == 11
     assert ds.context_class_names == ("disc/red-row", "disc/blue-row", "square/cyan-col", "square/orange-col")
     assert (tmp_path / "demo/images/validation/demo_validation_00000.png").is_file()
     assert (tmp_path / "demo/annotations/validation/demo_validation_00000.png").is_file()
     rgb, label = ds.load_raw(0)
     assert rgb.shape == (128, 128, 3) and label.shape == (128, 128)
-    assert set(np.unique(label).tolist()) <= set(range(7))           # every pixel labelled
+    assert set(np.unique(label).tolist()) <= set(range(11))          # every pixel labelled
     image, crop = ds[0]
     assert image.shape == (3, 128, 128) and crop.shape == (128, 128)
     picture = demo.sample_grid(ds, [0, 1])
@@ -87,27 +87,29 @@ def nearest(colour, table):
 
 
 def test_context_classes_are_decided_by_the_frame_only():
-    f = demo.FRAME
+    f, m = demo.FRAME, demo.MARKER
     pixels = {c: [] for c in demo.CONTEXT_CLASSES}
     images_with = {c: 0 for c in demo.CONTEXT_CLASSES}
     for index in range(12):
         rgb, label = demo.make_sample(np.random.default_rng([5, index]))
-        left, right = rgb[:, :f].mean(1), rgb[:, -f:].mean(1)
-        top, bottom = rgb[:f].mean(0), rgb[-f:].mean(0)
+        left, top = rgb[:, :m].mean(1), rgb[:m].mean(0)
+        # Only the left and top strips carry markers; the right and bottom ones are neutral.
+        for strip in (rgb[m:-f, -f:], rgb[-f:, m:-f]):
+            assert np.abs(strip.mean((0, 1)) - demo.NEUTRAL_GREY).max() < 3
         for cls in demo.CONTEXT_CLASSES:
             ys, xs = np.nonzero(label == cls)
             images_with[cls] += int(len(ys) > 0)
             pixels[cls].append(rgb[ys, xs].astype(float))
             if len(ys) == 0:
                 continue
-            if cls in demo.ROW_COLOURS:       # the frame at both ends of the row says the class
-                assert all(nearest(left[y], demo.ROW_COLOURS) == cls == nearest(right[y], demo.ROW_COLOURS)
-                           for y in np.unique(ys))
-                assert xs.min() - f >= 20 and (128 - f) - xs.max() >= 20        # far from it
+            if cls in demo.ROW_COLOURS:       # the marker at the start of the row says the class
+                assert all(nearest(left[y], demo.ROW_COLOURS) == cls for y in np.unique(ys))
+                assert np.all(label[np.unique(ys), 0] == demo.MARKER_OF[cls])   # markers labelled too
+                assert xs.min() - m >= 50                                   # far from it
             else:
-                assert all(nearest(top[x], demo.COLUMN_COLOURS) == cls == nearest(bottom[x], demo.COLUMN_COLOURS)
-                           for x in np.unique(xs))
-                assert ys.min() - f >= 20 and (128 - f) - ys.max() >= 20
+                assert all(nearest(top[x], demo.COLUMN_COLOURS) == cls for x in np.unique(xs))
+                assert np.all(label[0, np.unique(xs)] == demo.MARKER_OF[cls])
+                assert ys.min() - m >= 50
     assert min(images_with.values()) >= 3
     # Locally identical: the two classes of a pair have the same pixel statistics.
     for a, b in [(demo.DISC_RED, demo.DISC_BLUE), (demo.SQUARE_CYAN, demo.SQUARE_ORANGE)]:
