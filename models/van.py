@@ -49,10 +49,112 @@ STRIDE_PLANS = {
 }
 
 
+# ------------------------------------------------------------------ depthwise convolution on CPU
+# Jittor 1.3.11 runs grouped convolutions on CPU as a generic reindex/reduce kernel: one thread,
+# ~4 s forward+backward for one 7x7 depthwise conv at [1, 320, 64, 64], so VAN's three depthwise
+# convs per block dominated a training step. These jt.code kernels loop over (image, channel)
+# planes with OpenMP and keep the inner loop over a contiguous row, bounds resolved per row.
+# CUDA keeps Jittor's own depthwise kernel.
+
+_DW_PLANE_SRC = r"""
+    // out[n,c,oh,ow] = sum_k w[c,kh,kw] * in[n,c,oh-P+kh*D, ow-P+kw*D]  (w flipped when FLIP)
+    const int N = in0_shape0, C = in0_shape1, H = in0_shape2, W = in0_shape3;
+    const int KH = in1_shape2, KW = in1_shape3, OH = out0_shape2, OW = out0_shape3;
+    const int P = data["pad"], D = data["dil"], FLIP = data["flip"];
+    #pragma omp parallel for schedule(static)
+    for (int nc = 0; nc < N * C; nc++) {
+        const int c = nc % C;
+        const in0_type* src = in0_p + (size_t)nc * H * W;
+        out0_type* dst = out0_p + (size_t)nc * OH * OW;
+        const in1_type* w = in1_p + (size_t)c * KH * KW;
+        for (int i = 0; i < OH * OW; i++) dst[i] = 0;
+        for (int kh = 0; kh < KH; kh++) {
+            for (int oh = 0; oh < OH; oh++) {
+                const int ih = oh - P + kh * D;
+                if (ih < 0 || ih >= H) continue;
+                const in0_type* row = src + (size_t)ih * W;
+                out0_type* out = dst + (size_t)oh * OW;
+                for (int kw = 0; kw < KW; kw++) {
+                    const int off = kw * D - P;                       // iw = ow + off
+                    const int lo = off < 0 ? -off : 0, hi = W - off < OW ? W - off : OW;
+                    const out0_type wv = FLIP ? w[(KH - 1 - kh) * KW + (KW - 1 - kw)] : w[kh * KW + kw];
+                    for (int ow = lo; ow < hi; ow++) out[ow] += wv * row[ow + off];
+                }
+            }
+        }
+    }
+"""
+
+_DW_WEIGHT_GRAD_SRC = r"""
+    // gw[c,kh,kw] = sum_{n,oh,ow} gy[n,c,oh,ow] * x[n,c,oh-P+kh*D, ow-P+kw*D]
+    const int N = in0_shape0, C = in0_shape1, H = in0_shape2, W = in0_shape3;
+    const int OH = in1_shape2, OW = in1_shape3, KH = out0_shape2, KW = out0_shape3;
+    const int P = data["pad"], D = data["dil"];
+    #pragma omp parallel for schedule(static)
+    for (int ck = 0; ck < C * KH * KW; ck++) {
+        const int c = ck / (KH * KW), kh = ck % (KH * KW) / KW, kw = ck % KW;
+        const int off = kw * D - P;
+        const int lo = off < 0 ? -off : 0, hi = W - off < OW ? W - off : OW;
+        double total = 0;
+        for (int n = 0; n < N; n++) {
+            const in0_type* x = in0_p + ((size_t)n * C + c) * H * W;
+            const in1_type* gy = in1_p + ((size_t)n * C + c) * OH * OW;
+            for (int oh = 0; oh < OH; oh++) {
+                const int ih = oh - P + kh * D;
+                if (ih < 0 || ih >= H) continue;
+                const in0_type* row = x + (size_t)ih * W;
+                const in1_type* g = gy + (size_t)oh * OW;
+                out0_type acc = 0;
+                for (int ow = lo; ow < hi; ow++) acc += g[ow] * row[ow + off];
+                total += acc;
+            }
+        }
+        out0_p[ck] = (out0_type)total;
+    }
+"""
+
+
+def _dw_plane_conv(x, weight, out_hw, padding, dilation, flip=False):
+    return jt.code((x.shape[0], x.shape[1]) + tuple(out_hw), x.dtype, [x, weight], cpu_src=_DW_PLANE_SRC,
+                   data={"pad": padding, "dil": dilation, "flip": int(flip)})
+
+
+class _DepthwiseConvCPU(jt.Function):
+    """Stride-1 depthwise convolution (square kernel, symmetric padding) with its own backward."""
+
+    def execute(self, x, weight, padding, dilation):
+        self.saved = x, weight, padding, dilation
+        k = weight.shape[2]
+        out_hw = [x.shape[2] + 2 * padding - dilation * (k - 1), x.shape[3] + 2 * padding - dilation * (k - 1)]
+        return _dw_plane_conv(x, weight, out_hw, padding, dilation)
+
+    def grad(self, grad_out):
+        x, weight, padding, dilation = self.saved
+        k = weight.shape[2]
+        # the input gradient is the same convolution of grad_out with the flipped kernel
+        grad_x = _dw_plane_conv(grad_out, weight, x.shape[2:], dilation * (k - 1) - padding, dilation, flip=True)
+        grad_w = jt.code(weight.shape, weight.dtype, [x, grad_out], cpu_src=_DW_WEIGHT_GRAD_SRC,
+                         data={"pad": padding, "dil": dilation})
+        return grad_x, grad_w, None, None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(dim, dim, k, padding, dilation, groups=dim)`` (same parameters and names) that
+    runs the OpenMP kernels above on CPU, and Jittor's own implementation elsewhere."""
+
+    def __init__(self, dim, kernel_size, padding, dilation):
+        super().__init__(dim, dim, kernel_size, padding=padding, dilation=dilation, groups=dim)
+
+    def execute(self, x):
+        if jt.flags.use_cuda:
+            return super().execute(x)
+        y = _DepthwiseConvCPU()(x, self.weight, self.padding[0], self.dilation[0])
+        return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
+
+
 def _depthwise(dim, kernel_size, dilation):
     """Depthwise conv whose 'same' padding follows its dilation (keeps the feature size)."""
-    return nn.Conv2d(dim, dim, kernel_size, padding=dilation * (kernel_size - 1) // 2,
-                     dilation=dilation, groups=dim)
+    return DepthwiseConv2d(dim, kernel_size, padding=dilation * (kernel_size - 1) // 2, dilation=dilation)
 
 
 class DropPath(nn.Module):

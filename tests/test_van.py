@@ -126,6 +126,34 @@ def test_bad_options_are_rejected_with_the_valid_choices():
         van.van_b0(**TINY)(jt.zeros((2, 1, 32, 32)))
 
 
+# --------------------------------------------------------------------------- depthwise kernel
+@pytest.mark.parametrize("kernel,padding,dilation,shape,dtype", [
+    (7, 9, 3, (2, 5, 13, 11), "float32"),   # LKA conv_spatial
+    (5, 2, 1, (1, 3, 8, 9), "float32"),     # LKA conv0
+    (3, 2, 2, (2, 4, 6, 7), "float64"),     # MLP dwconv in a stride-8 stage
+    (7, 18, 6, (1, 2, 5, 5), "float64"),    # kernel reaching past the map on every side
+    (3, 0, 1, (1, 2, 6, 4), "float32"),     # 'valid' convolution: output smaller than input
+])
+def test_depthwise_kernel_matches_jittor_grouped_conv(kernel, padding, dilation, shape, dtype):
+    """The OpenMP depthwise kernels against jittor's generic grouped convolution: outputs and the
+    gradients of input, weight and bias."""
+    rng = np.random.default_rng(0)
+    conv = van.DepthwiseConv2d(shape[1], kernel, padding, dilation)
+    # jt.array turns float64 arrays into float32 and assign() keeps a Var's dtype: cast explicitly
+    array = lambda *s: jt.array(rng.standard_normal(s).astype(np.float32)).astype(dtype)   # noqa: E731
+    conv.weight, conv.bias = array(*conv.weight.shape), array(*conv.bias.shape)
+    x = array(*shape)
+    out, ref = conv(x), jt.nn.Conv2d.execute(conv, x)
+    assert out.shape == ref.shape and str(out.dtype) == dtype
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=tol, atol=tol)
+    projection = array(*out.shape)
+    wrt = [x, conv.weight, conv.bias]
+    for name, g, r in zip(("x", "weight", "bias"), jt.grad((out * projection).sum(), wrt),
+                          jt.grad((ref * projection).sum(), wrt)):
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=tol, atol=tol * 10, err_msg=name)
+
+
 # --------------------------------------------------------------------------- output stride
 @pytest.mark.parametrize("output_stride,strides", [(32, [4, 8, 16, 32]), (16, [4, 8, 16, 16]),
                                                     (8, [4, 8, 8, 8])])
