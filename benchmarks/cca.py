@@ -78,7 +78,7 @@ def _jittor_step(impl, shape, recurrence, threads):
     g = jt.array(rng.standard_normal(shape).astype("float32"))
     c = shape[1]
     if impl.startswith("nonlocal"):
-        module = NonLocalBlock(c, rank=len(shape))
+        module = NonLocalBlock(c)
         loops = 1
     else:
         base = impl.replace("3d", "")
@@ -99,28 +99,29 @@ def _jittor_step(impl, shape, recurrence, threads):
     return step
 
 
-def NonLocalBlock(channels, rank=4):  # noqa: N802  (factory: the class needs jittor imported)
-    """Embedded-Gaussian Non-local block (Wang et al. 2018) of width C, inner C/2, residual."""
+def NonLocalBlock(channels):  # noqa: N802  (factory: the class needs jittor imported)
+    """Embedded-Gaussian Non-local block (Wang et al. 2018) of width C, inner C/2, residual. Works on
+    any number of spatial dims (images or clips): they are flattened to N positions, and the 1x1
+    convs run as 2D convs on [B, C, N, 1] (oneDNN)."""
     import jittor as jt
     from jittor import nn
-
-    conv = nn.Conv2d if rank == 4 else nn.Conv3d
 
     class _NonLocal(nn.Module):
         def __init__(self):
             super().__init__()
             inter = channels // 2
-            self.theta, self.phi, self.g = conv(channels, inter, 1), conv(channels, inter, 1), conv(channels, inter, 1)
-            self.out = conv(inter, channels, 1)
+            self.theta, self.phi = nn.Conv2d(channels, inter, 1), nn.Conv2d(channels, inter, 1)
+            self.g, self.out = nn.Conv2d(channels, inter, 1), nn.Conv2d(inter, channels, 1)
 
         def execute(self, x):
             b, c = x.shape[:2]
-            theta = self.theta(x).reshape(b, c // 2, -1).transpose(0, 2, 1)    # [B, N, C/2]
-            phi = self.phi(x).reshape(b, c // 2, -1)                           # [B, C/2, N]
-            g = self.g(x).reshape(b, c // 2, -1).transpose(0, 2, 1)            # [B, N, C/2]
-            attention = nn.softmax(jt.matmul(theta, phi), dim=-1)              # [B, N, N]
-            y = jt.matmul(attention, g).transpose(0, 2, 1).reshape(b, c // 2, *x.shape[2:])
-            return x + self.out(y)
+            flat = x.reshape(b, c, -1, 1)
+            theta = self.theta(flat).reshape(b, c // 2, -1).transpose(0, 2, 1)   # [B, N, C/2]
+            phi = self.phi(flat).reshape(b, c // 2, -1)                          # [B, C/2, N]
+            g = self.g(flat).reshape(b, c // 2, -1).transpose(0, 2, 1)           # [B, N, C/2]
+            attention = nn.softmax(jt.matmul(theta, phi), dim=-1)                # [B, N, N]
+            y = jt.matmul(attention, g).transpose(0, 2, 1).reshape(b, c // 2, -1, 1)
+            return x + self.out(y).reshape(x.shape)
     return _NonLocal()
 
 
