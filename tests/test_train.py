@@ -1,0 +1,268 @@
+"""train.py end to end on tiny data: flags, logs, checkpoints, exact resume, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_folder_dataset(root, classes=3, n_train=8, n_val=2, size=64, seed=0):
+    """A tiny 'folder' dataset: horizontal bands of classes 0..C-1 under noisy colours, no
+    ignored pixels (so the loss is a plain mean over all pixels)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "classes.json"), "w") as f:
+        json.dump({"classes": [f"c{i}" for i in range(classes)]}, f)
+    for split, count in (("train", n_train), ("val", n_val)):
+        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
+        os.makedirs(os.path.join(root, "masks", split), exist_ok=True)
+        for i in range(count):
+            bands = rng.integers(0, classes, size=4)
+            label = np.repeat(bands, size // 4)[:, None].repeat(size, axis=1).astype(np.uint8)
+            image = (rng.normal(0, 20, (size, size, 3)) + 60 * label[..., None] + 40).clip(0, 255)
+            Image.fromarray(image.astype(np.uint8)).save(os.path.join(root, "images", split, f"s{i}.png"))
+            Image.fromarray(label).save(os.path.join(root, "masks", split, f"s{i}.png"))
+    return root
+
+
+def tiny_flags(data, work_dir, **overrides):
+    """Flags of a run that takes seconds: ResNet-18 with 8 base channels, 32 px crops."""
+    flags = {"--dataset": "folder", "--data-root": str(data), "--backbone": "resnet18",
+             "--crop-size": "32", "--batch-size": "2", "--iters": "6", "--lr": "0.02",
+             "--num-workers": "0", "--eval-interval": "3", "--save-interval": "3", "--log-interval": "1",
+             "--val-images": "2", "--work-dir": str(work_dir)}
+    flags.update({k: str(v) for k, v in overrides.items()})
+    argv = [item for pair in flags.items() for item in pair]
+    return argv + ["--model-opt", "base_channels=8", "--model-opt", "head_channels=16",
+                   "--model-opt", "aux_channels=16", "--no-progress"]
+
+
+def run_train(argv, timeout=300):
+    env = dict(os.environ, CCNET_QUIET="1")
+    return subprocess.run([sys.executable, "train.py"] + argv, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_records(work_dir):
+    with open(os.path.join(work_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(work_dir):
+    return {r["iter"]: r["loss"] for r in read_records(work_dir) if r["type"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder_dataset(str(tmp_path_factory.mktemp("data")), classes=3, n_train=8, n_val=2)
+
+
+# ----------------------------------------------------------------------------------- flags
+def test_help_documents_every_flag():
+    out = run_train(["--help"], timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--backbone", "--dataset", "--data-root", "--recurrence", "--crop-size", "--batch-size",
+                 "--iters", "--lr", "--momentum", "--weight-decay", "--power", "--min-lr", "--aux-weight",
+                 "--ohem", "--ccl", "--pretrained", "--resume", "--work-dir", "--eval-interval",
+                 "--save-interval", "--seed", "--num-workers", "--amp", "--dropout", "--model-opt", "--stop-at"):
+        assert flag in out.stdout, flag
+    # Defaults shown are the ADE20K recipe; the demo preset is described.
+    for text in ("default: 80000", "default: 0.01", "default: 0.0005", "default: 0.0001", "default: 16",
+                 "default: 512", "default: 0.4", "default: 0.9", "--dataset demo uses"):
+        assert text in " ".join(out.stdout.split()), text      # argparse wraps lines
+
+
+def test_defaults_are_the_ade20k_recipe_and_flags_beat_presets():
+    import train
+    args = train.parse_args([])
+    assert (args.dataset, args.backbone, args.recurrence) == ("ade20k", "resnet101", 2)
+    assert (args.lr, args.momentum, args.weight_decay, args.power, args.min_lr) == (0.01, 0.9, 5e-4, 0.9, 1e-4)
+    assert (args.iters, args.batch_size, args.crop_size, args.aux_weight) == (80000, 16, 512, 0.4)
+    demo = train.parse_args(["--dataset", "demo"])
+    for key, value in train.PRESETS["demo"].items():
+        assert getattr(demo, key) == value, key
+    mixed = train.parse_args(["--dataset", "demo", "--iters", "7", "--backbone", "resnet50",
+                              "--model-opt", "base_channels=32", "--model-opt", "head_act=relu"])
+    assert (mixed.iters, mixed.backbone, mixed.crop_size) == (7, "resnet50", train.PRESETS["demo"]["crop_size"])
+    assert mixed.model_opts["base_channels"] == 32 and mixed.model_opts["head_act"] == "relu"
+    assert mixed.work_dir == os.path.join("work_dirs", "demo_resnet50_r2")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--iters", "0"], "--iters"),
+    (["--min-lr", "0.5"], "--min-lr"),
+    (["--model-opt", "base_channels"], "KEY=VALUE"),
+    (["--dropout", "1.0"], "--dropout"),
+])
+def test_bad_flags_are_rejected(argv, message, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- data order
+class NoisyDataset:
+    """Stands in for a SegDataset: sample i is i plus augmentation noise from NumPy's global RNG."""
+    samples = list(range(10))
+    num_samples = 10
+
+    def __getitem__(self, index):
+        image = np.full((3, 2, 2), float(index), np.float32) + np.random.rand(3, 2, 2).astype(np.float32)
+        label = np.full((2, 2), index + int(100 * np.random.rand()), np.int32)
+        return image, label
+
+
+def test_batch_stream_is_a_function_of_seed_and_iteration():
+    import train
+    full = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4))
+    sequential = [full.next_batch(t)[:2] for t in range(7)]             # crosses 2 epochs of 10
+    # Every sample once per epoch: 7 batches of 4 = 28 positions = 2.8 epochs.
+    picked = [i for t in range(5) for i, _ in full.indices(t)]
+    assert sorted(picked[:10]) == list(range(10)) and sorted(picked[10:20]) == list(range(10))
+    # Jumping straight to iteration 5 (a resume) gives the very same batch.
+    jumped = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4)).next_batch(5)
+    np.testing.assert_array_equal(jumped[0], sequential[5][0])
+    np.testing.assert_array_equal(jumped[1], sequential[5][1])
+    # Two ranks' shards together are the single-process batch, augmentation included.
+    halves = [train.BatchStream(NoisyDataset(), 4, seed=3, shard=s).next_batch(2) for s in ((0, 2), (2, 4))]
+    np.testing.assert_array_equal(np.concatenate([h[0] for h in halves]), sequential[2][0])
+    # Worker processes change nothing.
+    pooled = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=2)
+    try:
+        for t in (0, 1, 2):
+            images, labels, waited = pooled.next_batch(t)
+            np.testing.assert_array_equal(images, sequential[t][0])
+            np.testing.assert_array_equal(labels, sequential[t][1])
+            assert waited >= 0
+    finally:
+        pooled.close()
+    # Another seed, another order.
+    other = train.BatchStream(NoisyDataset(), 4, seed=4, shard=(0, 4))
+    assert [other.indices(t) for t in range(3)] != [full.indices(t) for t in range(3)]
+
+
+# ----------------------------------------------------------------------------------- end to end
+def test_stop_and_resume_replays_the_uninterrupted_run_exactly(data, tmp_path):
+    from utils.checkpoint import read_checkpoint
+    # Dropout on and a worker process: their randomness must be replayed too.
+    whole = tmp_path / "whole"
+    out = run_train(tiny_flags(data, whole, **{"--num-workers": 1}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    split = tmp_path / "split"
+    out = run_train(tiny_flags(data, split, **{"--num-workers": 1, "--stop-at": 4}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_checkpoint(str(split / "latest.pkl"))["iteration"] == 4
+    # Resume with the work dir alone: every other setting comes from the checkpoint.
+    out = run_train(["--resume", str(split), "--no-progress"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from" in out.stderr
+
+    expected, got = train_losses(whole), train_losses(split)
+    assert sorted(got) == list(range(1, 7))                 # each iteration logged exactly once
+    assert got == expected                                  # bit-identical losses, before and after
+    a = read_checkpoint(str(whole / "latest.pkl"))
+    b = read_checkpoint(str(split / "latest.pkl"))
+    assert a["iteration"] == b["iteration"] == 6
+    for key, value in a["state_dict"].items():
+        np.testing.assert_array_equal(b["state_dict"][key], value, err_msg=key)
+    for key, value in a["optimizer"]["momentum_buffers"].items():
+        np.testing.assert_array_equal(b["optimizer"]["momentum_buffers"][key], value, err_msg=key)
+    assert np.abs(np.concatenate([v.ravel() for v in a["optimizer"]["momentum_buffers"].values()])).max() > 0
+
+    # Logs, curves, checkpoints: validation at 3 and 6, best = highest val mIoU.
+    records = read_records(split)
+    vals = [r for r in records if r["type"] == "val"]
+    assert [r["iter"] for r in vals] == [3, 6]
+    assert all(0 <= r["mIoU"] <= 1 and len(r["IoU"]) == 3 for r in vals)
+    train_records = [r for r in records if r["type"] == "train"]
+    assert all(r["lr"] > 0 and r["step_time"] > 0 and r["data_time"] >= 0 for r in train_records)
+    assert train_records[0]["lr"] == pytest.approx(0.02)
+    assert [r["event"] for r in records if r["type"] == "event"] == ["stopped", "resume", "done"]
+    best = read_checkpoint(str(split / "best.pkl"))
+    assert best["best_mIoU"] == pytest.approx(max(r["mIoU"] for r in vals))
+    assert best["arch"]["backbone"] == "resnet18" and best["arch"]["base_channels"] == 8
+    with open(split / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not list(split.glob("*.tmp*"))                   # atomic writes leave no temp files
+
+
+def test_ctrl_c_writes_a_resumable_checkpoint(data, tmp_path):
+    work = tmp_path / "wd"
+    env = dict(os.environ, CCNET_QUIET="1")
+    proc = subprocess.Popen([sys.executable, "train.py"] + tiny_flags(data, work, **{"--iters": 500,
+                            "--eval-interval": 0, "--save-interval": 0, "--num-workers": 1}),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(work / "log.jsonl") and train_losses(work):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "resumable checkpoint" in err
+    from utils.checkpoint import read_checkpoint
+    state = read_checkpoint(str(work / "latest.pkl"))
+    done = max(train_losses(work))
+    assert state["iteration"] == done and 1 <= done < 500
+    assert [r["event"] for r in read_records(work) if r["type"] == "event"] == ["stopped"]
+
+
+def test_nonfinite_loss_stops_with_a_debug_checkpoint(data, tmp_path):
+    work = tmp_path / "wd"
+    out = run_train(tiny_flags(data, work, **{"--lr": "1e30", "--min-lr": 0, "--eval-interval": 0}))
+    assert out.returncode == 3, out.stderr[-3000:]
+    events = [r for r in read_records(work) if r["type"] == "event"]
+    assert events[-1]["event"] == "nonfinite_loss"
+    bad_iter = events[-1]["iter"]
+    assert f"at iteration {bad_iter}" in out.stderr and "training stopped" in out.stderr
+    assert (work / f"debug_nonfinite_iter{bad_iter}.pkl").is_file()
+    assert max(train_losses(work), default=0) <= bad_iter   # nothing logged after the bad step
+
+
+# ----------------------------------------------------------------------------------- bad input
+def _trainer_error(argv):
+    import train
+    with pytest.raises(SystemExit) as info:
+        train.Trainer(train.parse_args(argv))
+    return str(info.value)
+
+
+def test_missing_pretrained_file_fails_before_training(data, tmp_path):
+    message = _trainer_error(tiny_flags(data, tmp_path / "wd") + ["--pretrained", str(tmp_path / "nope.pth")])
+    assert "--pretrained" in message and "nope.pth" in message and "no such file" in message
+    assert not (tmp_path / "wd" / "log.jsonl").exists()     # stopped before the log was started
+
+
+def test_checkpoint_that_does_not_fit_fails_before_training(data, tmp_path):
+    work = tmp_path / "wd"
+    out = run_train(tiny_flags(data, work, **{"--stop-at": 1, "--eval-interval": 0}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Same work dir, but a wider backbone given explicitly: the weights cannot fit.
+    message = _trainer_error(["--resume", str(work), "--model-opt", "base_channels=16", "--no-progress"])
+    assert "does not fit" in message and "latest.pkl" in message
+    assert max(train_losses(work)) == 1                     # the failed resume trained nothing
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", str(tmp_path / "missing")])
+
+
+def test_amp_on_cpu_is_a_clear_error(data, tmp_path):
+    import jittor as jt
+    if jt.flags.use_cuda:
+        pytest.skip("CUDA available: --amp is allowed")
+    message = _trainer_error(tiny_flags(data, tmp_path / "wd") + ["--amp"])
+    assert "--amp needs CUDA" in message
