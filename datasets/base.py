@@ -186,7 +186,7 @@ class SegDataset(Dataset):
         self.split = split
         self.mode = mode
         self.skip_bad = bool(skip_bad)
-        self.crop_size = T._pair(crop_size or self.DEFAULT_CROP_SIZE, "crop_size")
+        self.crop_size = T.as_size(crop_size or self.DEFAULT_CROP_SIZE, "crop_size")
         self.base_size = base_size if base_size is not None else self.DEFAULT_BASE_SIZE
         self.ratio_range = tuple(ratio_range or self.DEFAULT_RATIO_RANGE)
         self.train_transform = T.build_train_transform(
@@ -278,14 +278,11 @@ class SegDataset(Dataset):
         """On-disk values -> int32 train ids, or BadSampleError naming the invalid values."""
         lut = self.label_lut(label_path)
         raw = np.asarray(raw)
-        out_of_table = raw >= len(lut)
-        if out_of_table.any():
-            mapped = None
-        else:
-            mapped = lut[raw]
-        if mapped is None or (mapped < 0).any():
-            invalid = raw[out_of_table] if mapped is None else raw[mapped < 0]
-            values = np.unique(invalid)
+        beyond_table = raw >= len(lut)
+        mapped = np.where(beyond_table, -1, lut[np.minimum(raw, len(lut) - 1)])
+        invalid = mapped < 0
+        if invalid.any():
+            values = np.unique(raw[invalid])
             shown = ", ".join(str(v) for v in values[:10]) + (" ..." if len(values) > 10 else "")
             raise BadSampleError(f"label {label_path} has value(s) {shown} outside the valid range: "
                                  f"{self.valid_label_text(label_path)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (BadSampleWarning, DatasetError, DatasetNotFoundError, SegDataset, make_lut,
+from .base import (DatasetError, DatasetNotFoundError, SegDataset, make_lut,
                    list_images, register_dataset, IGNORE_INDEX)
 
 META_KEYS = {"classes", "palette", "ignore_index", "reduce_zero_label"}
@@ -160,7 +160,7 @@ class FolderDataset(SegDataset):
         elif self.split not in ("train", None):
             warnings.warn(f"folder dataset {self.data_root}: no {self.split!r} sub-folder and no list "
                           f"file {self._list_path()}; split {self.split!r} uses all files in "
-                          f"{image_dir}", BadSampleWarning, stacklevel=2)
+                          f"{image_dir}", UserWarning, stacklevel=2)
         return self.pair_files(images, masks, image_dir, mask_dir)
 
     def _list_path(self):

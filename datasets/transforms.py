@@ -21,8 +21,10 @@ def normalize(rgb):
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"normalize expects an RGB image [H, W, 3], got shape {rgb.shape}")
-    out = (rgb.astype(np.float32) - MEAN) / STD
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    chw = rgb.transpose(2, 0, 1).astype(np.float32)          # copies into [3, H, W] order
+    chw -= MEAN[:, None, None]
+    chw *= (1.0 / STD)[:, None, None]
+    return chw
 
 
 def denormalize(chw):
@@ -31,7 +33,7 @@ def denormalize(chw):
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def _pair(size, what):
+def as_size(size, what):
     """An int or an (a, b) pair -> (a, b) of positive ints."""
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
@@ -108,7 +110,7 @@ class RandomResize:
     """
 
     def __init__(self, base_size=None, ratio_range=(0.5, 2.0)):
-        self.base_size = None if base_size is None else _pair(base_size, "base_size")
+        self.base_size = None if base_size is None else as_size(base_size, "base_size")
         lo, hi = (float(r) for r in ratio_range)
         if not 0 < lo <= hi:
             raise ValueError(f"ratio_range must be 0 < low <= high, got {ratio_range}")
@@ -133,7 +135,7 @@ class RandomCrop:
     """
 
     def __init__(self, crop_size, cat_max_ratio=0.75, ignore_index=255, tries=10):
-        self.crop_size = _pair(crop_size, "crop_size")
+        self.crop_size = as_size(crop_size, "crop_size")
         self.cat_max_ratio = float(cat_max_ratio)
         self.ignore_index = ignore_index
         self.tries = tries
@@ -229,7 +231,7 @@ class Pad:
     label with ``ignore_index``. Works on [3, H, W] float or [H, W, 3] uint8 images."""
 
     def __init__(self, size, ignore_index=255):
-        self.size = _pair(size, "pad size")
+        self.size = as_size(size, "pad size")
         self.ignore_index = ignore_index
 
     def __call__(self, image, label, rng=None):
