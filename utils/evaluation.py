@@ -68,40 +68,55 @@ class ModelLoadError(ValueError):
     """The model cannot be built, or the checkpoint does not fit it (message is user-facing)."""
 
 
-def load_model_for_inference(checkpoint, num_classes, backbone=None, recurrence=None, **model_opts):
+def load_model_for_inference(checkpoint, num_classes=None, backbone=None, recurrence=None, log=None):
     """CCNet in eval mode with ``checkpoint``'s weights (a path, URL or model-zoo name).
 
-    Backbone / recurrence / model options default to what the checkpoint records about itself
-    (when the checkpoint helper can tell), else ``resnet101`` and R = 2. Returns
-    ``(model, info)`` with ``info = dict(backbone=..., recurrence=...)``; raises
-    ``ModelLoadError`` with one readable paragraph when the weights do not fit.
+    The architecture is the one the checkpoint records or its weights show (utils.checkpoint:
+    backbone, stem variant, head activation, ...); ``num_classes`` / ``backbone`` / ``recurrence``
+    given here override it, and a checkpoint that then does not fit is an error listing the
+    missing / unexpected keys and mismatched shapes. Returns ``(model, info)`` with
+    ``info = dict(backbone=..., num_classes=..., recurrence=...)``; every failure is a
+    ``ModelLoadError`` with a user-facing message (scripts print it and exit with status 2).
     """
     import models
     from utils import checkpoint as ckpt
 
-    meta = {}
-    if hasattr(ckpt, "checkpoint_meta"):
-        try:
-            meta = ckpt.checkpoint_meta(checkpoint) or {}
-        except Exception:           # unreadable: load_checkpoint below says why
-            meta = {}
-    backbone = backbone or meta.get("backbone") or "resnet101"
-    recurrence = int(recurrence if recurrence is not None else meta.get("recurrence", 2))
-    opts = dict(meta.get("model_opts") or {})
-    opts.update(model_opts)
     try:
-        model = models.build_model(backbone, num_classes, recurrence=recurrence, **opts)
+        prepared = ckpt.Prepared(checkpoint)
+    except (ckpt.CheckpointError, ValueError, KeyError, OSError, EOFError, TypeError) as err:
+        raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {one_paragraph(err)}") from None
+    if prepared.layout.kind != "segmentor":
+        raise ModelLoadError(f"{checkpoint} holds {prepared.layout.description} weights (a backbone only), "
+                             "not a full segmentation model")
+    arch = dict(prepared.arch)
+    try:
+        if backbone and models.resolve_backbone_name(backbone) != arch.get("backbone"):
+            # another backbone: the checkpoint's backbone options do not apply to it
+            arch = {k: v for k, v in arch.items() if k in models.HEAD_OPTIONS or k in ("num_classes", "recurrence")}
+            arch["backbone"] = backbone
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    if num_classes is not None:
+        arch["num_classes"] = int(num_classes)
+    if recurrence is not None:
+        arch["recurrence"] = int(recurrence)
+    arch.setdefault("recurrence", 2)
+    if "num_classes" not in arch or "backbone" not in arch:
+        raise ModelLoadError(f"{checkpoint} does not say its backbone / number of classes: "
+                             "pass --backbone and --num-classes")
+    try:
+        model = ckpt.build_from_arch(arch)
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelLoadError(f"cannot build the model: {one_paragraph(err)}") from None
+        raise ModelLoadError(f"cannot build the model {arch}: {one_paragraph(err)}") from None
     try:
-        ckpt.load_checkpoint(model, checkpoint)
-    except (ValueError, KeyError, RuntimeError, OSError, EOFError) as err:
+        ckpt.load_checkpoint(model, prepared, log=log)
+    except (ckpt.CheckpointError, ValueError, KeyError) as err:
         raise ModelLoadError(
-            f"checkpoint {checkpoint} does not fit a CCNet with backbone {backbone}, {num_classes} "
-            f"classes, recurrence {recurrence} (set --backbone / --num-classes / --recurrence to match "
-            f"how it was trained): {one_paragraph(err)}") from None
+            f"checkpoint {checkpoint} does not fit a CCNet with backbone {arch['backbone']}, "
+            f"{arch['num_classes']} classes (set --backbone / --num-classes to how it was trained; "
+            f"the checkpoint's own values are used when you leave them out): {err}") from None
     model.eval()
-    return model, dict(backbone=backbone, recurrence=recurrence)
+    return model, dict(backbone=arch["backbone"], num_classes=arch["num_classes"], recurrence=arch["recurrence"])
 
 
 def one_paragraph(err, limit=4000):

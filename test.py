@@ -1,0 +1,186 @@
+"""Evaluate a CCNet checkpoint on a dataset split: per-class IoU / Acc, mIoU, mAcc, aAcc.
+
+Examples::
+
+    python test.py --checkpoint work_dirs/demo/best.pkl --dataset demo
+    python test.py --checkpoint ccnet_r101_ade20k.pkl --dataset ade20k --data-root data/ADEChallengeData2016 \\
+        --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip --out results.json --save-pred preds/
+    python test.py --checkpoint city.pkl --dataset cityscapes --mode slide --crop-size 769 --stride 513
+    mpirun -np 2 python test.py ...          # images split over ranks, confusion matrices summed
+
+Exit status 2 (with a one-paragraph message, no traceback) for bad flags, a checkpoint that does
+not fit the model, or a dataset folder without images.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from utils import runtime
+
+# mmsegmentation's test-time resize (keep ratio) per dataset; others are evaluated at native size.
+DEFAULT_BASE_SIZE = {"ade20k": (2048, 512)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file, URL or model-zoo name")
+    parser.add_argument("--dataset", default="ade20k", help="dataset name (ade20k, cityscapes, folder, demo)")
+    parser.add_argument("--data-root", default=None, help="dataset folder (default: the dataset's own)")
+    parser.add_argument("--split", default="val", help="split to evaluate")
+    parser.add_argument("--backbone", default=None,
+                        help="backbone (default: the one recorded in the checkpoint, else resnet101)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes (default: the dataset's)")
+    parser.add_argument("--recurrence", type=int, default=None,
+                        help="criss-cross loops R (default: the checkpoint's, else 2)")
+    parser.add_argument("--mode", choices=("whole", "slide"), default="whole", help="inference mode")
+    parser.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N",
+                        help="sliding-window size (one int or H W); needed with --mode slide")
+    parser.add_argument("--stride", type=int, nargs="+", default=None, metavar="N",
+                        help="sliding-window stride (default: 2/3 of the crop, the official 1/3 overlap)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales")
+    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
+    parser.add_argument("--average", choices=("prob", "logit"), default="prob",
+                        help="how scales/flips are combined: softmax probabilities (mmseg) or logits (official)")
+    parser.add_argument("--base-size", type=int, nargs="+", default=None, metavar="N",
+                        help="keep-ratio test resize LONG SHORT that --scales multiply "
+                             "(default: 2048 512 for ade20k, native size otherwise; 0 = native size)")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--out", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--save-pred", default=None, metavar="DIR",
+                        help="write label-map PNGs (dataset encoding) and colour overlays here")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    if args.mode == "slide" and not args.crop_size:
+        parser.error("--mode slide needs --crop-size")
+    for name in ("crop_size", "stride", "base_size"):
+        value = getattr(args, name)
+        if value is not None and len(value) not in (1, 2):
+            parser.error(f"--{name.replace('_', '-')} takes one or two ints, got {value}")
+    if min(args.scales) <= 0:
+        parser.error(f"--scales must be positive, got {args.scales}")
+    return args
+
+
+def fail(message):
+    """One clean paragraph on stderr and exit status 2 (like argparse errors)."""
+    print(f"test.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve_base_size(args):
+    if args.base_size is None:
+        return DEFAULT_BASE_SIZE.get(args.dataset)
+    if args.base_size == [0]:
+        return None
+    size = args.base_size * 2 if len(args.base_size) == 1 else args.base_size
+    return (max(size), min(size))
+
+
+class PredictionWriter:
+    """``evaluate`` callback: label map in the dataset's own encoding + colour overlay per image."""
+
+    def __init__(self, out_dir, dataset):
+        self.out_dir = Path(out_dir)
+        self.overlay_dir = self.out_dir / "overlay"
+        self.overlay_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset = dataset
+
+    def __call__(self, index, pred, rgb, label):
+        from utils.visualize import colorize, overlay, save_png
+        stem = Path(self.dataset.samples[index][0]).stem
+        save_png(self.out_dir / f"{stem}.png", self.dataset.encode_prediction(pred))
+        save_png(self.overlay_dir / f"{stem}.png", overlay(rgb, colorize(pred, self.dataset.PALETTE)))
+
+
+def format_table(result, class_names):
+    """Per-class IoU / Acc (percent; '-' for classes absent from GT and prediction), then the means."""
+    width = max([len("class")] + [len(n) for n in class_names])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
+    for name, iou, acc in zip(class_names, result["IoU"], result["Acc"]):
+        lines.append(f"{name:<{width}}  {_pct(iou):>6}  {_pct(acc):>6}")
+    lines.append("-" * (width + 16))
+    lines.append(f"mIoU {_pct(result['mIoU'])}  mAcc {_pct(result['mAcc'])}  aAcc {_pct(result['aAcc'])}"
+                 f"  ({result['num_images']} images)")
+    return "\n".join(lines)
+
+
+def _pct(value):
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _json_number(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def write_json(path, result, class_names, args, backbone, recurrence):
+    data = {
+        "mIoU": _json_number(result["mIoU"]), "mAcc": _json_number(result["mAcc"]),
+        "aAcc": _json_number(result["aAcc"]), "num_images": result["num_images"],
+        "per_class": {name: {"IoU": _json_number(iou), "Acc": _json_number(acc)}
+                      for name, iou, acc in zip(class_names, result["IoU"], result["Acc"])},
+        "config": {"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
+                   "backbone": backbone, "recurrence": recurrence, "mode": args.mode,
+                   "crop_size": args.crop_size, "stride": args.stride, "scales": args.scales,
+                   "flip": args.flip, "average": args.average, "base_size": resolve_base_size(args)},
+        "fractions": "all metrics are fractions in [0, 1]; null = class absent from GT and prediction",
+    }
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    jt = runtime.activate()
+    is_main = not jt.in_mpi or jt.rank == 0
+    import datasets
+    from utils.evaluation import ModelLoadError, evaluate, load_model_for_inference, one_paragraph
+
+    try:
+        dataset = datasets.build_dataset(args.dataset, data_root=args.data_root, split=args.split, mode="test")
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError) as err:
+        fail(str(err).strip())      # keeps the expected-layout lines readable
+    if len(dataset.samples) == 0:
+        fail(f"dataset {args.dataset!r} split {args.split!r} under {args.data_root} has no images")
+    num_classes = args.num_classes or dataset.num_classes
+    class_names = list(dataset.CLASSES)
+    if len(class_names) != num_classes:
+        class_names = [f"class {i}" for i in range(num_classes)]
+    try:
+        model, info = load_model_for_inference(args.checkpoint, num_classes, args.backbone, args.recurrence,
+                                               log=lambda line: print(line, file=sys.stderr) if is_main else None)
+    except ModelLoadError as err:
+        fail(str(err))
+    backbone, recurrence = info["backbone"], info["recurrence"]
+
+    indices = range(min(args.max_images, len(dataset.samples))) if args.max_images else None
+    writer = PredictionWriter(args.save_pred, dataset) if args.save_pred else None
+    try:
+        result = evaluate(model, dataset, mode=args.mode, crop_size=args.crop_size, stride=args.stride,
+                          scales=args.scales, flip=args.flip, base_size=resolve_base_size(args),
+                          average=args.average, on_prediction=writer, indices=indices,
+                          num_classes=num_classes, progress=not args.no_progress)
+    except ValueError as err:       # label values outside the classes, bad crop sizes, ...
+        fail(one_paragraph(err))
+
+    if is_main:
+        print(format_table(result, class_names))
+        if args.out:
+            write_json(args.out, result, class_names, args, backbone, recurrence)
+            print(f"metrics written to {args.out}")
+        if args.save_pred:
+            print(f"predictions written to {args.save_pred} (label maps) and {writer.overlay_dir} (overlays)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
