@@ -112,3 +112,24 @@ def test_attention_from_qk_matches_the_attention_module():
     expected = module(x).numpy()[0] - x.numpy()[0]            # gamma * aggregation
     dense = _dense_one_loop(attention)
     np.testing.assert_allclose((value.reshape(16, -1) @ dense.T).reshape(16, 5, 6), expected, atol=1e-4)
+
+
+def test_capture_attention_returns_each_loop_in_the_design_layout():
+    """Both loops, as the model runs them: loop 1 sees conva's output, loop 2 loop 1's output."""
+    import models
+    jt.set_global_seed(3)
+    model = models.build_model(**ARCH)
+    cca = model.head.cca
+    cca.gamma.update(jt.array([0.8]).float32())
+    cca.gamma.sync()
+    model.eval()
+    image = np.random.default_rng(5).standard_normal((3, 40, 48)).astype(np.float32)
+    loops = visualize.capture_attention(model, image)
+    assert "execute" not in cca.__dict__ and not cca.keep_attention      # module left as it was
+    context = model.head.conva(model.backbone(jt.array(image[None]))[3])
+    h, w = context.shape[2:]
+    assert len(loops) == 2 and loops[0].shape == (h + w - 1, h, w)
+    for attention in loops:
+        expected = visualize.attention_from_qk(cca.query_conv(context).numpy()[0], cca.key_conv(context).numpy()[0])
+        np.testing.assert_allclose(attention, expected, atol=1e-5)
+        context = cca(context)
