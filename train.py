@@ -57,9 +57,10 @@ PRESETS = {
                        save_interval=6000),
     # Small enough to train on 2 CPU cores in minutes; the demo's context classes need the RCCA
     # head to see far beyond a ResNet-18's receptive field at this crop.
-    "demo": dict(backbone="resnet18", crop_size=128, batch_size=8, iters=600, lr=0.02,
+    "demo": dict(backbone="resnet18", crop_size=128, batch_size=8, iters=300, lr=0.02,
                  weight_decay=1e-4, min_lr=1e-4, eval_interval=100, save_interval=100,
-                 log_interval=5, num_workers=1, model_opts={"base_channels": 16}),
+                 log_interval=5, num_workers=1,
+                 model_opts={"base_channels": 16, "head_channels": 64, "aux_channels": 64}),
 }
 
 
@@ -552,7 +553,8 @@ class Trainer:
 
     def run(self):
         args = self.args
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        # Ctrl-C, and SIGTERM from a job scheduler or mpirun: finish the step, save, exit.
+        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=args.iters, initial=self.start_iter, desc="train", unit="it", dynamic_ncols=True,
                    disable=not self.main or args.no_progress)
         window, totals = [], {"wait": 0.0, "step": 0.0}
@@ -597,7 +599,8 @@ class Trainer:
         finally:
             bar.close()
             self.batches.close()
-            signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
 
     def _log_window(self, iteration, window):
         count = len(window)

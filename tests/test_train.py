@@ -266,3 +266,15 @@ def test_amp_on_cpu_is_a_clear_error(data, tmp_path):
         pytest.skip("CUDA available: --amp is allowed")
     message = _trainer_error(tiny_flags(data, tmp_path / "wd") + ["--amp"])
     assert "--amp needs CUDA" in message
+
+
+def test_ohem_and_category_consistent_loss_train(data, tmp_path):
+    work = tmp_path / "wd"
+    out = run_train(tiny_flags(data, work, **{"--iters": 2, "--eval-interval": 0}) + ["--ohem", "--ccl"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = [r for r in read_records(work) if r["type"] == "train"][-1]
+    for term in ("main", "aux", "ccl_var", "ccl_dis", "ccl_reg"):
+        assert np.isfinite(record[term]), term
+    # total = main + 0.4 aux + 1 var + 1 dis + 0.001 reg (the logged terms are the same step's)
+    expected = record["main"] + 0.4 * record["aux"] + record["ccl_var"] + record["ccl_dis"] + 0.001 * record["ccl_reg"]
+    assert record["loss"] == pytest.approx(expected, rel=1e-5)
