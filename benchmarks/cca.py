@@ -18,7 +18,10 @@ Examples (from the repository root):
     python benchmarks/cca.py                                   # both paper shapes, all impls
     python benchmarks/cca.py --shapes 1,512,97,97 --repeats 5 --impls fused,torch
     python benchmarks/cca.py --shapes 1,64,24,24 --repeats 2   # quick smoke run
-    python benchmarks/cca.py --shapes3d 1,256,4,64,64          # 3D (space-time) rows
+    python benchmarks/cca.py --shapes "" --shapes3d 1,256,4,48,48   # 3D (space-time) rows only
+
+Known limit: Jittor 1.3.11 dies with SIGFPE in the Non-local block at 16384 positions
+(e.g. [1,256,4,64,64], a 16384 x 16384 attention); 9409 positions ([1,512,97,97]) work.
 """
 import argparse
 import json
@@ -280,6 +283,7 @@ def main(argv=None):
             is_nonlocal = impl.startswith("nonlocal")
             flops = nonlocal_flops(shape) if is_nonlocal else rcca_flops(shape, args.recurrence)
             rows.append(dict(shape=shape, impl=impl, seconds=times[impl], peak_mib=memory, gflops=flops / 1e9))
+            print(f"measured {list(shape)} {impl}: {times[impl]:.3f} s, {memory:.0f} MiB", file=sys.stderr, flush=True)
 
     print(f"\nforward+backward, {args.threads} CPU threads, median of {args.repeats} alternated rounds; "
           f"criss-cross rows: R={args.recurrence}; memory: peak-RSS growth of a fresh process")
