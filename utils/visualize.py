@@ -144,8 +144,11 @@ def feature_position(point, image_size, feature_size):
 
 
 # --------------------------------------------------------------------------- figures
-def heat_overlay(rgb, weights, alpha=0.6, cmap="jet"):
-    """Image with a heat map of ``weights`` (any size; nearest upsampled) blended on top."""
+def heat_overlay(rgb, weights, alpha=0.6, cmap="jet", gamma=0.5):
+    """Image with a heat map of ``weights`` (any size; nearest upsampled) blended on top.
+
+    Colour = (weight / max) ** gamma: with gamma 0.5 the small weights two loops spread over the
+    whole image stay visible next to the large ones on the pixel's own cross."""
     from matplotlib import colormaps
     rgb = np.asarray(rgb)
     height, width = rgb.shape[:2]
@@ -153,7 +156,7 @@ def heat_overlay(rgb, weights, alpha=0.6, cmap="jet"):
     rows = np.minimum((np.arange(height) * weights.shape[0]) // height, weights.shape[0] - 1)
     cols = np.minimum((np.arange(width) * weights.shape[1]) // width, weights.shape[1] - 1)
     up = weights[rows][:, cols]
-    up = up / up.max() if up.max() > 0 else up
+    up = (up / up.max()) ** gamma if up.max() > 0 else up
     heat = (colormaps[cmap](up)[..., :3] * 255).astype(np.float32)
     return np.clip((1 - alpha) * rgb + alpha * heat + 0.5, 0, 255).astype(np.uint8)
 
@@ -176,6 +179,7 @@ def save_attention_figure(path, rgb, first, second, point, title=None):
                   markeredgecolor="black")
         axis.set_title(label, fontsize=10)
         axis.axis("off")
+    fig.text(0.5, 0.01, "colour = sqrt(attention weight / max)", ha="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
