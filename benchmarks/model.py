@@ -228,7 +228,7 @@ def _label(size, num_classes, seed=0):
     return np.random.RandomState(seed).randint(0, num_classes, (1, size, size)).astype("int32")
 
 
-def measure_jittor(backbone, size, steps, num_classes=150, recurrence=2):
+def measure_jittor(backbone, size, steps, num_classes=150, recurrence=2, output_stride=8):
     import numpy as np
     from utils import runtime
     jt = runtime.activate(verbose=False)
@@ -236,7 +236,7 @@ def measure_jittor(backbone, size, steps, num_classes=150, recurrence=2):
     from models.losses import SegLoss
 
     jt.set_global_seed(0)
-    model = build_model(backbone, num_classes, recurrence=recurrence)
+    model = build_model(backbone, num_classes, recurrence=recurrence, output_stride=output_stride)
     model.train()
     params = [p for p in model.parameters() if not p.is_stop_grad()]
     n_params = sum(int(np.prod(p.shape)) for p in params)
@@ -257,13 +257,13 @@ def measure_jittor(backbone, size, steps, num_classes=150, recurrence=2):
                 peak_mib=_peak_rss_mib(), activations_mib=_peak_rss_mib() - base)
 
 
-def measure_torch(backbone, size, steps, num_classes=150, recurrence=2):
+def measure_torch(backbone, size, steps, num_classes=150, recurrence=2, output_stride=8):
     import numpy as np
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     torch.manual_seed(0)
-    model = build_torch_ccnet(backbone, num_classes, recurrence)
+    model = build_torch_ccnet(backbone, num_classes, recurrence, output_stride=output_stride)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     base = _rss_mib()
@@ -285,7 +285,7 @@ def measure_torch(backbone, size, steps, num_classes=150, recurrence=2):
 def _run_worker(framework, backbone, args, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), CCNET_QUIET="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--backbones", backbone,
-           "--size", str(args.size), "--steps", str(args.steps)]
+           "--size", str(args.size), "--steps", str(args.steps), "--output-stride", str(args.output_stride)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
@@ -309,13 +309,15 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
                         help="threads for both frameworks (default: OMP_NUM_THREADS or all cores)")
+    parser.add_argument("--output-stride", type=int, default=8, choices=(8, 16, 32),
+                        help="backbone output stride (default 8, as CCNet; VAN's cost per stride)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch.nn reference")
     parser.add_argument("--worker", choices=("jittor", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         measure = measure_jittor if args.worker == "jittor" else measure_torch
-        print(json.dumps(measure(args.backbones[0], args.size, args.steps)))
+        print(json.dumps(measure(args.backbones[0], args.size, args.steps, output_stride=args.output_stride)))
         return
 
     import utils  # noqa: F401
@@ -335,7 +337,7 @@ def main():
         results.append(_run_worker(framework, backbone, args, args.threads))
 
     print(f"\nCCNet (R=2, 150 classes), training step = forward + loss + all gradients, "
-          f"1x3x{args.size}x{args.size}, CPU, {args.threads} threads, median of {args.steps} steps")
+          f"1x3x{args.size}x{args.size}, output stride {args.output_stride}, CPU, {args.threads} threads, median of {args.steps} steps")
     print("| framework | backbone | params (M) | step wall (s) | step CPU (s) | peak RSS (MiB) | activations (MiB) |")
     print("|---|---|---|---|---|---|---|")
     medians = {}
