@@ -9,8 +9,9 @@ input and all parameters.
 Time: the implementations are run alternately (one iteration of each per round, after a warm-up)
 and the median over rounds is reported, because this machine's timings drift by +-15%.
 Peak memory: each (implementation, shape) runs in a fresh subprocess; we report the growth of the
-process's resident-set high-water mark (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) from just
-before the module and its input are built to the end of one forward+backward. That includes
+process's resident-set high-water mark (VmHWM in /proc/self/status, reset through
+/proc/self/clear_refs; Linux only) from just before the module and its input are built to the end
+of one forward+backward. That includes
 Jittor's/PyTorch's allocator caches and all temporaries: it is what the operating system had to
 provide. (On CUDA it is host memory, not GPU memory.)
 
@@ -26,7 +27,6 @@ Known limit: Jittor 1.3.11 dies with SIGFPE in the Non-local block at 16384 posi
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -193,21 +193,31 @@ def time_alternating(impls, shape, recurrence, repeats, threads):
     return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def measure_memory_child(impl, shape, recurrence, threads):
-    """Runs in a fresh process: peak-RSS growth (MiB) over one forward+backward."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if impl != "torch":       # import (and warm) Jittor before the baseline
+    """Runs in a fresh process: peak-RSS growth (MiB) over building the inputs + one forward+backward.
+
+    Linux keeps ru_maxrss across fork+exec (the child would inherit the parent's peak), so we reset
+    this process's high-water mark (``echo 5 > /proc/self/clear_refs``) and read VmHWM / VmRSS."""
+    if impl == "torch":
+        import torch  # noqa: F401
+    else:                      # import Jittor and the op module before the baseline
         from utils import runtime
         runtime.activate(verbose=False)
         import models.cc_attention  # noqa: F401
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    else:
-        import torch  # noqa: F401
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_kib("VmRSS")
     step = make_step(impl, shape, recurrence, threads)
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024.0
+    return (_status_kib("VmHWM") - before) / 1024.0
 
 
 def measure_memory(impl, shape, recurrence, threads):
