@@ -399,31 +399,20 @@ def load_imagenet_weights(model, source):
     wrong shape raises a ValueError naming the keys, because jittor's own ``load_state_dict``
     would only log it. Returns the list of checkpoint keys that were ignored.
     """
+    from utils.checkpoint import assign_state, describe_problems, find_mismatches
     weights = official_state_dict(source)
     own = model.state_dict()
     has_head = isinstance(model, VANClassifier)
     ignored = [k for k in weights
                if k.endswith("num_batches_tracked") or (not has_head and k.startswith("head."))]
-    usable = {k: v for k, v in weights.items() if k not in set(ignored)}
-    where = "VAN checkpoint" if isinstance(source, dict) else f"VAN checkpoint {source}"
-    missing = sorted(set(own) - set(usable))
-    unexpected = sorted(set(usable) - set(own))
-    wrong_shape = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
-                   for k, v in usable.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:5])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:5])})")
-    if problems:
-        raise ValueError(f"{where} does not fit this VAN "
-                         f"(embed_dims={model.out_channels}, depths={model.depths}): " + "; ".join(problems))
-    for name, value in usable.items():
-        array = np.asarray(value.numpy() if isinstance(value, jt.Var) else value)
-        own[name].assign(jt.array(array.astype(str(own[name].dtype))))
-        own[name].sync()   # see JITTOR.md: freshly assigned small Vars must be synced once
+    usable = {k: np.asarray(v.numpy() if isinstance(v, jt.Var) else v)
+              for k, v in weights.items() if k not in set(ignored)}
+    missing, unexpected, wrong_shape = find_mismatches(own, usable)
+    if missing or unexpected or wrong_shape:
+        where = "VAN checkpoint" if isinstance(source, dict) else f"VAN checkpoint {source}"
+        raise ValueError(f"{where} does not fit this VAN (embed_dims={model.out_channels}, "
+                         f"depths={model.depths}):\n  " + describe_problems(missing, unexpected, wrong_shape))
+    assign_state(own, usable)
     return ignored
 
 

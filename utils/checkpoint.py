@@ -692,7 +692,7 @@ def _check_variant(model, prepared):
             f"build_model_from_checkpoint(...) or these options.")
 
 
-def _mismatches(target, state):
+def find_mismatches(target, state):
     # in network order (the model's / the file's), so the first lines show where things diverge
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
@@ -701,7 +701,7 @@ def _mismatches(target, state):
     return missing, unexpected, shapes
 
 
-def _describe_problems(missing, unexpected, shapes, limit=12):
+def describe_problems(missing, unexpected, shapes, limit=12):
     parts = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
@@ -710,7 +710,7 @@ def _describe_problems(missing, unexpected, shapes, limit=12):
     return "\n  ".join(parts)
 
 
-def _assign(target, state):
+def assign_state(target, state):
     import jittor as jt
     assigned = []
     for key, value in state.items():
@@ -759,15 +759,15 @@ def load_checkpoint(model, source, strict=True, log=print, adapt_stem=None):
         _adapt_stem_to(model, getattr(model, "backbone", None), prepared, log)
     _check_variant(model, prepared)
     target = model.state_dict()
-    missing, unexpected, shapes = _mismatches(target, prepared.state)
+    missing, unexpected, shapes = find_mismatches(target, prepared.state)
     if strict and (missing or unexpected or shapes):
         raise CheckpointError(f"{prepared.path} ({prepared.layout.description}) does not fit this model:\n  "
-                              + _describe_problems(missing, unexpected, shapes))
+                              + describe_problems(missing, unexpected, shapes))
     bad = set(unexpected) | {s.split(":")[0] for s in shapes}
-    loaded = _assign(target, {k: v for k, v in prepared.state.items() if k not in bad})
+    loaded = assign_state(target, {k: v for k, v in prepared.state.items() if k not in bad})
     _report(log, prepared, loaded, "model")
     if not strict and (missing or unexpected or shapes) and log is not None:
-        log("  not loaded:\n  " + _describe_problems(missing, unexpected, shapes))
+        log("  not loaded:\n  " + describe_problems(missing, unexpected, shapes))
     return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, filled=prepared.filled,
                 missing=missing, unexpected=unexpected, shape_mismatches=shapes, raw=prepared.raw)
 
@@ -791,7 +791,7 @@ def load_backbone_weights(model, source, log=print, adapt_stem=True):
         if not key.startswith("backbone."):
             prepared.dropped[key] = "not part of the backbone"
     target = backbone.state_dict()
-    missing, unexpected, shapes = _mismatches(target, state)
+    missing, unexpected, shapes = find_mismatches(target, state)
     if missing or unexpected or shapes:
         hint = ""
         if prepared.arch.get("backbone"):
@@ -799,8 +799,8 @@ def load_backbone_weights(model, source, log=print, adapt_stem=True):
                                                                     "embed_dims", "depths")}
             hint = f"\n  the weights are for: {opts}"
         raise CheckpointError(f"{prepared.path} ({prepared.layout.description}) does not fit this backbone:\n  "
-                              + _describe_problems(missing, unexpected, shapes) + hint)
-    loaded = _assign(target, state)
+                              + describe_problems(missing, unexpected, shapes) + hint)
+    loaded = assign_state(target, state)
     _report(log, prepared, loaded, "backbone")
     return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, arch=prepared.arch)
 
