@@ -157,7 +157,7 @@ class FolderDataset(SegDataset):
             keep = set(wanted)
             images = {k: v for k, v in images.items() if k in keep}
             masks = {k: v for k, v in masks.items() if k in keep}
-        elif self.split not in ("train", None):
+        elif image_dir == image_root and self.split not in ("train", None):   # no split sub-folder
             warnings.warn(f"folder dataset {self.data_root}: no {self.split!r} sub-folder and no list "
                           f"file {self._list_path()}; split {self.split!r} uses all files in "
                           f"{image_dir}", UserWarning, stacklevel=2)

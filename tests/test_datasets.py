@@ -229,6 +229,18 @@ def test_folder_dataset_split_folders_classes_by_args_and_reduce_zero_label(tmp_
     np.testing.assert_array_equal(ds.encode_prediction(np.array([[0, 2]])), [[1, 3]])
 
 
+def test_folder_split_folders_warn_only_when_the_split_folder_is_missing(tmp_path):
+    raw = np.zeros((8, 8), dtype=np.int64)
+    write_pair(tmp_path / "images/val/x.png", tmp_path / "masks/val/x.png", raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # images/val exists: nothing to warn about
+        ds = datasets.build_dataset("folder", data_root=tmp_path, split="val", num_classes=3, mode="test")
+    assert ds.num_samples == 1
+    with pytest.warns(UserWarning, match="no 'test' sub-folder"):
+        datasets.build_dataset("folder", data_root=tmp_path, split="test", num_classes=3,
+                               mode="test")
+
+
 def test_folder_dataset_needs_classes(tmp_path):
     folder_tree(tmp_path)
     with pytest.raises(DatasetError, match="classes are unknown.*classes.json"):
