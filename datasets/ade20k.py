@@ -105,10 +105,6 @@ class ADE20KDataset(SegDataset):
             self._lut = make_lut(mapping)
         return self._lut
 
-    def encode_prediction(self, pred):
+    def encode_train_ids(self, pred):
         """Train ids 0..C-1 -> ADE20K annotation values 1..C (uint8)."""
-        pred = np.asarray(pred)
-        if pred.size and (pred.min() < 0 or pred.max() >= self.num_classes):
-            raise ValueError(f"prediction values must be in 0..{self.num_classes - 1}, "
-                             f"got {pred.min()}..{pred.max()}")
         return (pred + 1).astype(np.uint8)

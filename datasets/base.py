@@ -1,7 +1,7 @@
 """Common machinery of the segmentation datasets: registry, file pairing, decoding, bad input.
 
 A dataset class only says where its files are (``scan``), how its on-disk label values map to
-train ids (``label_lut``) and back (``encode_prediction``); everything else lives here:
+train ids (``label_lut``) and back (``encode_train_ids``, range-checked by ``encode_prediction``); everything else lives here:
 
 * ``SegDataset`` is a ``jittor.dataset.Dataset``: ``set_attrs(batch_size=..., shuffle=...,
   num_workers=..., drop_last=...)`` and ``for images, labels in dataset`` work as usual, and under
@@ -159,7 +159,7 @@ class SegDataset(Dataset):
 
     Subclasses set ``CLASSES``, ``PALETTE`` and the defaults below, and implement ``scan()``
     (returning the sorted list of (image_path, label_path)), ``label_lut(label_path)`` and
-    ``encode_prediction``.
+    ``encode_train_ids`` (valid train ids -> on-disk values).
     """
     NAME = None
     CLASSES = ()
@@ -210,6 +210,14 @@ class SegDataset(Dataset):
 
     def encode_prediction(self, pred):
         """Train-id prediction [H, W] -> label map in the dataset's on-disk encoding."""
+        pred = np.asarray(pred)
+        if pred.size and (pred.min() < 0 or pred.max() >= self.num_classes):
+            raise ValueError(f"prediction values must be in 0..{self.num_classes - 1}, "
+                             f"got {pred.min()}..{pred.max()}")
+        return self.encode_train_ids(pred)
+
+    def encode_train_ids(self, pred):
+        """The dataset's own encoding of valid train ids (numpy array in 0..C-1)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ attributes

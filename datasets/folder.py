@@ -184,11 +184,7 @@ class FolderDataset(SegDataset):
     def label_lut(self, label_path):
         return self._lut
 
-    def encode_prediction(self, pred):
+    def encode_train_ids(self, pred):
         """Train ids -> mask values as stored in this folder (+1 with reduce_zero_label)."""
-        pred = np.asarray(pred)
-        if pred.size and (pred.min() < 0 or pred.max() >= self.num_classes):
-            raise ValueError(f"prediction values must be in 0..{self.num_classes - 1}, "
-                             f"got {pred.min()}..{pred.max()}")
         out = pred + (1 if self.reduce_zero_label else 0)
         return out.astype(np.uint8 if out.max(initial=0) < 256 else np.uint16)
