@@ -9,32 +9,13 @@ import pytest
 
 import jittor as jt
 
+from cca_testing import finite_difference_check, keep_float64, random_var, rel_err  # noqa: F401 (autouse fixture)
 from models import cc_attention as cca
 from models.cc_attention import CrissCrossAttention, ca_map, ca_weight
 
 KERNEL_IMPLS = ("fused", "elementwise")
 # (B, C, H, W): H != W, H = 1, W = 1, a single position, B > 1 with odd C and a wide row
 SHAPES = [(2, 5, 4, 7), (1, 3, 1, 6), (1, 3, 5, 1), (1, 2, 1, 1), (3, 17, 9, 6)]
-
-
-@pytest.fixture(autouse=True)
-def keep_float64():
-    """Jittor turns float64 numpy arrays into float32 by default; the tests need float64."""
-    previous = jt.flags.auto_convert_64_to_32
-    jt.flags.auto_convert_64_to_32 = 0
-    yield
-    jt.flags.auto_convert_64_to_32 = previous
-
-
-def _random(rng, shape, dtype="float64"):
-    return jt.array(rng.standard_normal(shape).astype(dtype))
-
-
-def _rel_err(actual, expected, floor=1e-30):
-    """Max error relative to the expected magnitude (floor: for gradients that are exactly zero
-    in exact arithmetic, e.g. of the key bias, which shifts all energies of a position equally)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return np.abs(actual - expected).max() / max(np.abs(expected).max(), floor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,8 +85,8 @@ def _op_outputs(impl, q, k, v, g):
 def test_kernels_match_reference(shape, dtype):
     b, c, h, w = shape
     rng = np.random.default_rng(1)
-    q, k = _random(rng, (b, c, h, w), dtype), _random(rng, (b, c, h, w), dtype)
-    v, g = _random(rng, (b, c + 3, h, w), dtype), _random(rng, (b, c + 3, h, w), dtype)
+    q, k = random_var(rng, (b, c, h, w), dtype), random_var(rng, (b, c, h, w), dtype)
+    v, g = random_var(rng, (b, c + 3, h, w), dtype), random_var(rng, (b, c + 3, h, w), dtype)
     expected = _op_outputs("reference", q, k, v, g)
     # DESIGN/issue targets in float32: 1e-5 forward, 1e-4 gradients (relative to the magnitude)
     tolerances = [1e-5, 1e-5, 1e-4, 1e-4, 1e-4] if dtype == "float32" else [1e-12] * 5
@@ -113,35 +94,16 @@ def test_kernels_match_reference(shape, dtype):
         for name, actual, wanted, tol in zip(["energy", "out", "dq", "dk", "dv"],
                                              _op_outputs(impl, q, k, v, g), expected, tolerances):
             assert actual.dtype == np.dtype(dtype)
-            assert _rel_err(actual, wanted) <= tol, (impl, name, _rel_err(actual, wanted))
-
-
-def _finite_difference_check(fn, inputs, rng, coords=6, eps=1e-6):
-    """Analytic gradient of sum(fn(*inputs) * g) vs central differences at random coordinates."""
-    out = fn(*inputs)
-    g = rng.standard_normal(out.shape)
-    analytic = [gr.numpy() for gr in jt.grad((out * jt.array(g)).sum(), inputs)]
-    for var, grad in zip(inputs, analytic):
-        base = var.numpy().copy()
-        for flat in rng.choice(base.size, size=min(coords, base.size), replace=False):
-            losses = []
-            for step in (eps, -eps):
-                probe = base.copy()
-                probe.flat[flat] += step
-                var.assign(jt.array(probe))
-                losses.append((fn(*inputs).numpy() * g).sum())
-            var.assign(jt.array(base))
-            numeric = (losses[0] - losses[1]) / (2 * eps)
-            assert abs(grad.flat[flat] - numeric) <= 1e-6 * max(1.0, abs(numeric)), (flat, grad.flat[flat], numeric)
+            assert rel_err(actual, wanted) <= tol, (impl, name, rel_err(actual, wanted))
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_op_gradients_finite_differences(impl):
     rng = np.random.default_rng(2)
-    q, k = _random(rng, (2, 3, 3, 4)), _random(rng, (2, 3, 3, 4))
-    _finite_difference_check(lambda q_, k_: ca_weight(q_, k_, impl=impl), [q, k], rng)
-    a, v = _random(rng, (2, 6, 3, 4)), _random(rng, (2, 5, 3, 4))
-    _finite_difference_check(lambda a_, v_: ca_map(a_, v_, impl=impl), [a, v], rng)
+    q, k = random_var(rng, (2, 3, 3, 4)), random_var(rng, (2, 3, 3, 4))
+    finite_difference_check(lambda q_, k_: ca_weight(q_, k_, impl=impl), [q, k], rng)
+    a, v = random_var(rng, (2, 6, 3, 4)), random_var(rng, (2, 5, 3, 4))
+    finite_difference_check(lambda a_, v_: ca_map(a_, v_, impl=impl), [a, v], rng)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,35 +140,35 @@ def _module_grads(module, x, g):
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_module_matches_reference_and_finite_differences(impl):
     rng = np.random.default_rng(4)
-    x, g = _random(rng, (2, 16, 5, 3)), _random(rng, (2, 16, 5, 3))
+    x, g = random_var(rng, (2, 16, 5, 3)), random_var(rng, (2, 16, 5, 3))
     out, grads = _module_grads(_module(16, impl), x, g)
     ref_out, ref_grads = _module_grads(_module(16, "reference"), x, g)
-    assert _rel_err(out, ref_out) <= 1e-12
+    assert rel_err(out, ref_out) <= 1e-12
     for grad, ref in zip(grads, ref_grads):
-        assert _rel_err(grad, ref, floor=1.0) <= 1e-10
+        assert rel_err(grad, ref, floor=1.0) <= 1e-10
     # finite differences on x, every parameter and gamma
     module = _module(16, impl)
     inputs = [x] + [module.query_conv.weight, module.query_conv.bias, module.key_conv.weight,
                     module.key_conv.bias, module.value_conv.weight, module.value_conv.bias, module.gamma]
-    _finite_difference_check(lambda x_, *params: module(module(x_)), inputs, rng, coords=3)
+    finite_difference_check(lambda x_, *params: module(module(x_)), inputs, rng, coords=3)
 
 
 def test_module_float32_agreement_targets():
     """Issue 2 targets in float32: fused vs reference <= 1e-5 forward, <= 1e-4 gradients."""
     rng = np.random.default_rng(5)
-    x, g = _random(rng, (2, 32, 13, 11), "float32"), _random(rng, (2, 32, 13, 11), "float32")
+    x, g = random_var(rng, (2, 32, 13, 11), "float32"), random_var(rng, (2, 32, 13, 11), "float32")
     out, grads = _module_grads(_module(32, "fused", dtype="float32"), x, g)
     ref_out, ref_grads = _module_grads(_module(32, "reference", dtype="float32"), x, g)
-    assert _rel_err(out, ref_out) <= 1e-5
+    assert rel_err(out, ref_out) <= 1e-5
     for grad, ref in zip(grads, ref_grads):
-        assert _rel_err(grad, ref, floor=1.0) <= 1e-4
+        assert rel_err(grad, ref, floor=1.0) <= 1e-4
 
 
 @pytest.mark.parametrize("impl", cca.IMPLS)
 def test_keep_attention(impl):
     rng = np.random.default_rng(6)
     module = _module(16, impl)
-    x = _random(rng, (2, 16, 4, 6))
+    x = random_var(rng, (2, 16, 4, 6))
     assert module.last_attention is None
     module.keep_attention = True
     module(x)
@@ -303,11 +265,11 @@ needs_cuda = pytest.mark.skipif(not (jt.has_cuda and jt.flags.use_cuda),
 def test_cuda_kernels_match_reference(dtype, tol):
     rng = np.random.default_rng(7)
     shape = (2, 8, 9, 6)
-    q, k = _random(rng, shape, dtype), _random(rng, shape, dtype)
-    v, g = _random(rng, (2, 12, 9, 6), dtype), _random(rng, (2, 12, 9, 6), dtype)
+    q, k = random_var(rng, shape, dtype), random_var(rng, shape, dtype)
+    v, g = random_var(rng, (2, 12, 9, 6), dtype), random_var(rng, (2, 12, 9, 6), dtype)
     ref = _op_outputs("reference", *(t.float32() for t in (q, k, v, g)))
     for actual, expected in zip(_op_outputs("fused", q, k, v, g), ref):
-        assert _rel_err(actual, expected) <= tol
+        assert rel_err(actual, expected) <= tol
 
 
 _CUDA_STUBS = r"""

@@ -9,28 +9,12 @@ import pytest
 
 import jittor as jt
 
+from cca_testing import finite_difference_check, keep_float64, random_var, rel_err  # noqa: F401 (autouse fixture)
 from models import cc_attention as cca
 from models.cc_attention import CrissCrossAttention, CrissCrossAttention3D, ca_map_3d, ca_weight_3d
 
 KERNEL_IMPLS = ("fused", "elementwise")
 SHAPES = [(1, 3, 1, 4, 5), (2, 5, 2, 3, 4), (1, 4, 5, 2, 3), (1, 2, 3, 1, 1)]   # T = 1, 2, 5; H != W
-
-
-@pytest.fixture(autouse=True)
-def keep_float64():
-    previous = jt.flags.auto_convert_64_to_32
-    jt.flags.auto_convert_64_to_32 = 0
-    yield
-    jt.flags.auto_convert_64_to_32 = previous
-
-
-def _random(rng, shape, dtype="float64"):
-    return jt.array(rng.standard_normal(shape).astype(dtype))
-
-
-def _rel_err(actual, expected, floor=1e-30):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return np.abs(actual - expected).max() / max(np.abs(expected).max(), floor)
 
 
 def _path(t, y, x, tt, h, w):
@@ -91,40 +75,22 @@ def _op_outputs(impl, q, k, v, g):
 def test_kernels_3d_match_reference(shape, dtype):
     rng = np.random.default_rng(1)
     b, c = shape[:2]
-    q, k = _random(rng, shape, dtype), _random(rng, shape, dtype)
-    v, g = _random(rng, (b, c + 2) + shape[2:], dtype), _random(rng, (b, c + 2) + shape[2:], dtype)
+    q, k = random_var(rng, shape, dtype), random_var(rng, shape, dtype)
+    v, g = random_var(rng, (b, c + 2) + shape[2:], dtype), random_var(rng, (b, c + 2) + shape[2:], dtype)
     expected = _op_outputs("reference", q, k, v, g)
     tolerances = [1e-5, 1e-5, 1e-4, 1e-4, 1e-4] if dtype == "float32" else [1e-12] * 5
     for impl in KERNEL_IMPLS:
         for name, actual, wanted, tol in zip(["energy", "out", "dq", "dk", "dv"],
                                              _op_outputs(impl, q, k, v, g), expected, tolerances):
-            assert _rel_err(actual, wanted) <= tol, (impl, name)
-
-
-def _finite_difference_check(fn, inputs, rng, coords=4, eps=1e-6):
-    out = fn(*inputs)
-    g = rng.standard_normal(out.shape)
-    analytic = [gr.numpy() for gr in jt.grad((out * jt.array(g)).sum(), inputs)]
-    for var, grad in zip(inputs, analytic):
-        base = var.numpy().copy()
-        for flat in rng.choice(base.size, size=min(coords, base.size), replace=False):
-            losses = []
-            for step in (eps, -eps):
-                probe = base.copy()
-                probe.flat[flat] += step
-                var.assign(jt.array(probe))
-                losses.append((fn(*inputs).numpy() * g).sum())
-            var.assign(jt.array(base))
-            numeric = (losses[0] - losses[1]) / (2 * eps)
-            assert abs(grad.flat[flat] - numeric) <= 1e-6 * max(1.0, abs(numeric)), (flat, grad.flat[flat], numeric)
+            assert rel_err(actual, wanted) <= tol, (impl, name)
 
 
 def test_op_3d_gradients_finite_differences():
     rng = np.random.default_rng(2)
-    q, k = _random(rng, (1, 3, 3, 2, 4)), _random(rng, (1, 3, 3, 2, 4))
-    _finite_difference_check(lambda q_, k_: ca_weight_3d(q_, k_), [q, k], rng)
-    a, v = _random(rng, (1, 7, 3, 2, 4)), _random(rng, (1, 5, 3, 2, 4))
-    _finite_difference_check(lambda a_, v_: ca_map_3d(a_, v_), [a, v], rng)
+    q, k = random_var(rng, (1, 3, 3, 2, 4)), random_var(rng, (1, 3, 3, 2, 4))
+    finite_difference_check(lambda q_, k_: ca_weight_3d(q_, k_), [q, k], rng, coords=4)
+    a, v = random_var(rng, (1, 7, 3, 2, 4)), random_var(rng, (1, 5, 3, 2, 4))
+    finite_difference_check(lambda a_, v_: ca_map_3d(a_, v_), [a, v], rng, coords=4)
 
 
 def _module_3d(channels, impl, gamma=0.6, seed=0):
@@ -143,16 +109,16 @@ def _params(module):
 
 def test_module_3d_matches_reference_and_finite_differences():
     rng = np.random.default_rng(3)
-    x, g = _random(rng, (2, 16, 3, 4, 2)), _random(rng, (2, 16, 3, 4, 2))
+    x, g = random_var(rng, (2, 16, 3, 4, 2)), random_var(rng, (2, 16, 3, 4, 2))
     results = {}
     for impl in ("fused", "reference"):
         module = _module_3d(16, impl)
         out = module(module(x))
         results[impl] = [out.numpy()] + [gr.numpy() for gr in jt.grad((out * g).sum(), [x] + _params(module))]
     for actual, expected in zip(results["fused"], results["reference"]):
-        assert _rel_err(actual, expected, floor=1.0) <= 1e-10
+        assert rel_err(actual, expected, floor=1.0) <= 1e-10
     module = _module_3d(16, "fused")
-    _finite_difference_check(lambda x_, *params: module(module(x_)), [x] + _params(module), rng, coords=2)
+    finite_difference_check(lambda x_, *params: module(module(x_)), [x] + _params(module), rng, coords=2)
 
 
 def test_module_3d_contract_and_keep_attention():
@@ -161,7 +127,7 @@ def test_module_3d_contract_and_keep_attention():
     assert module.value_conv.weight.shape == [16, 16, 1, 1, 1]
     assert set(module.state_dict()) == set(CrissCrossAttention(16).state_dict())
     rng = np.random.default_rng(4)
-    x = _random(rng, (1, 16, 3, 4, 5))
+    x = random_var(rng, (1, 16, 3, 4, 5))
     attentions = {}
     for impl in cca.IMPLS:
         module = _module_3d(16, impl)
@@ -178,7 +144,7 @@ def test_module_3d_contract_and_keep_attention():
 def test_single_frame_equals_2d(impl):
     """T = 1: the 3D module computes exactly what the 2D module computes with the same weights."""
     rng = np.random.default_rng(5)
-    x2d, g2d = _random(rng, (2, 16, 5, 3)), _random(rng, (2, 16, 5, 3))
+    x2d, g2d = random_var(rng, (2, 16, 5, 3)), random_var(rng, (2, 16, 5, 3))
     module3d = _module_3d(16, impl)
     jt.set_global_seed(0)
     module2d = CrissCrossAttention(16, impl=impl)
