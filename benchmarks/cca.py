@@ -8,12 +8,15 @@ input and all parameters.
 
 Time: the implementations are run alternately (one iteration of each per round, after a warm-up)
 and the median over rounds is reported, because this machine's timings drift by +-15%.
-Peak memory: each (implementation, shape) runs in a fresh subprocess; we report the growth of the
-process's resident-set high-water mark (VmHWM in /proc/self/status, reset through
-/proc/self/clear_refs; Linux only) from just before the module and its input are built to the end
-of one forward+backward. That includes
-Jittor's/PyTorch's allocator caches and all temporaries: it is what the operating system had to
-provide. (On CUDA it is host memory, not GPU memory.)
+Peak memory: what one training step (forward + backward) holds at its peak, at tensor level. Each
+(implementation, shape) runs in a fresh subprocess with the caching allocators out of the way
+(Jittor's ``use_sfrl_allocator=0``; glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so every block of
+64 KiB or more is mapped and returned to the OS on free; PyTorch's CPU allocator is plain malloc),
+so the resident set follows the live tensors. One warm-up step first (compiled kernels and one-time
+buffers are not the step's memory), then the growth of the resident-set high-water mark (VmHWM in
+/proc/self/status, reset through /proc/self/clear_refs; Linux only) over a second step. The input
+and the upstream gradient exist before and are not counted; everything the step allocates is. (On
+CUDA it is host memory, not GPU memory.)
 
 Examples (from the repository root):
     python benchmarks/cca.py                                   # both paper shapes, all impls
@@ -202,28 +205,35 @@ def _status_kib(field):
 
 
 def measure_memory_child(impl, shape, recurrence, threads):
-    """Runs in a fresh process: peak-RSS growth (MiB) over building the inputs + one forward+backward.
+    """Runs in a fresh process (see the module docstring): peak-RSS growth (MiB) over one
+    forward+backward after a warm-up step.
 
     Linux keeps ru_maxrss across fork+exec (the child would inherit the parent's peak), so we reset
     this process's high-water mark (``echo 5 > /proc/self/clear_refs``) and read VmHWM / VmRSS."""
-    if impl == "torch":
-        import torch  # noqa: F401
-    else:                      # import Jittor and the op module before the baseline
-        from utils import runtime
-        runtime.activate(verbose=False)
-        import models.cc_attention  # noqa: F401
+    import gc
+    step = make_step(impl, shape, recurrence, threads)
+    step()                                              # warm-up: kernels, one-time buffers
+    gc.collect()
+    if impl != "torch":
+        import jittor as jt
+        if jt.flags.use_sfrl_allocator:
+            raise RuntimeError("memory child: Jittor's caching allocator is on (use_sfrl_allocator=1)")
+        jt.gc()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = _status_kib("VmRSS")
-    step = make_step(impl, shape, recurrence, threads)
     step()
     return (_status_kib("VmHWM") - before) / 1024.0
+
+
+# Allocators that hand freed memory straight back, so RSS tracks live tensors (module docstring).
+UNCACHED_ALLOCATORS = {"use_sfrl_allocator": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def measure_memory(impl, shape, recurrence, threads):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl,
            "--shapes", ",".join(map(str, shape)), "--recurrence", str(recurrence), "--threads", str(threads)]
-    env = dict(os.environ, CCNET_QUIET="1")
+    env = dict(os.environ, CCNET_QUIET="1", **UNCACHED_ALLOCATORS)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -296,7 +306,7 @@ def main(argv=None):
             print(f"measured {list(shape)} {impl}: {times[impl]:.3f} s, {memory:.0f} MiB", file=sys.stderr, flush=True)
 
     print(f"\nforward+backward, {args.threads} CPU threads, median of {args.repeats} alternated rounds; "
-          f"criss-cross rows: R={args.recurrence}; memory: peak-RSS growth of a fresh process")
+          f"criss-cross rows: R={args.recurrence}; memory: peak of one step's live tensors (see benchmarks/cca.py's docstring)")
     header = f"| shape | impl | fwd+bwd s | vs fused | peak MiB | vs fused | fwd GFLOP |"
     print(header)
     print("|" + "---|" * 7)
