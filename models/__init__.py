@@ -1,4 +1,5 @@
-"""Model zoo entry point: ``build_model(backbone, num_classes, recurrence=2, **opts) -> CCNet``.
+"""Model zoo entry point: ``build_model(backbone, num_classes, recurrence=2, **opts) -> CCNet``
+(``TemporalCCNet`` for clips with ``temporal=True``).
 
 Backbones register themselves in ``BACKBONES`` with the ``register_backbone`` decorator (see
 resnet.py / van.py). A backbone is a ``jittor.nn.Module`` whose ``execute(x)`` returns the four
@@ -35,7 +36,8 @@ def resolve_backbone_name(name):
 
 
 # Options consumed by the segmentor itself; everything else goes to the backbone factory.
-HEAD_OPTIONS = ("head_channels", "aux_channels", "head_act", "dropout", "ccl_dim")
+# ``temporal`` picks the segmentor: True builds the clip model of ccnet3d.py (TemporalCCNet).
+HEAD_OPTIONS = ("head_channels", "aux_channels", "head_act", "dropout", "ccl_dim", "temporal")
 
 
 def _accepted_options(factory):
@@ -50,9 +52,12 @@ def build_model(backbone, num_classes, recurrence=2, **opts):
 
     ``opts`` holds head options (``HEAD_OPTIONS``, see ``CCNet``) and backbone options (e.g.
     ``output_stride``, ``stem``, ``base_channels`` for ResNets); an option neither takes raises
-    a TypeError naming it.
+    a TypeError naming it. ``temporal=True`` builds ``TemporalCCNet`` (models/ccnet3d.py): input
+    clips [B, T, 3, H, W], space-time criss-cross attention, per-frame outputs [B*T, ...].
     """
     from .ccnet import CCNet
+    from .ccnet3d import TemporalCCNet
+    segmentors = {False: CCNet, True: TemporalCCNet}
 
     name = resolve_backbone_name(backbone)
     factory = BACKBONES[name]
@@ -65,7 +70,10 @@ def build_model(backbone, num_classes, recurrence=2, **opts):
             f"build_model: unknown option(s) {', '.join(unknown)} for backbone {name!r}; "
             f"backbone options: {', '.join(sorted(accepted)) or 'none'}; "
             f"head options: {', '.join(HEAD_OPTIONS)}")
-    return CCNet(factory(**backbone_opts), num_classes, recurrence=recurrence, **head_opts)
+    temporal = head_opts.pop("temporal", False)
+    if not isinstance(temporal, bool):
+        raise ValueError(f"build_model: temporal must be True or False, got {temporal!r}")
+    return segmentors[temporal](factory(**backbone_opts), num_classes, recurrence=recurrence, **head_opts)
 
 
 # Importing the backbone modules registers them.

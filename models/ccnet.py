@@ -56,7 +56,9 @@ class RCCAHead(nn.Module):
     ``recurrence`` R: how many times the one shared ``cca`` module is applied; R = 0 builds no
     attention module at all (a plain conv head, the paper's baseline). ``execute`` returns the
     logits, or (logits, attention output) with ``return_context=True`` (for the CCL projection).
+    ``attention_class`` is the attention module it builds (a subclass swaps in the clip version).
     """
+    attention_class = CrissCrossAttention
 
     def __init__(self, in_channels, num_classes, recurrence=2, channels=512, activation="leaky_relu",
                  dropout=0.1):
@@ -67,7 +69,7 @@ class RCCAHead(nn.Module):
         self.recurrence = recurrence
         self.inter_channels = inter_channels
         self.conva = conv_bn_act(in_channels, inter_channels, activation)
-        self.cca = CrissCrossAttention(inter_channels) if recurrence > 0 else None
+        self.cca = self.attention_class(inter_channels) if recurrence > 0 else None
         self.convb = conv_bn_act(inter_channels, inter_channels, activation)
         self.bottleneck = nn.Sequential(
             nn.Conv2d(in_channels + inter_channels, channels, 3, padding=1, bias=False),
@@ -79,6 +81,10 @@ class RCCAHead(nn.Module):
         context = self.conva(x)
         for _ in range(self.recurrence):
             context = self.cca(context)
+        return self.fuse(x, context, return_context)
+
+    def fuse(self, x, context, return_context=False):
+        """convb on the attention output, concatenated with the head input -> class logits."""
         out = self.bottleneck(jt.concat([x, self.convb(context)], dim=1))
         return (out, context) if return_context else out
 
@@ -99,7 +105,10 @@ class CCNet(nn.Module):
     for the default backbones), plus ``ccl_features`` ([B, ccl_dim, h, w], the RCCA output
     projected by a 1x1 conv) as a third item when ``ccl_dim > 0``.
     Eval mode (``model.eval()``): main logits bilinearly upsampled to the input size.
+    ``head_class``: the RCCA head it builds (models/ccnet3d.py swaps in the clip head).
     """
+    head_class = RCCAHead
+    temporal = False            # True: input clips [B, T, 3, H, W] (models/ccnet3d.py)
 
     def __init__(self, backbone, num_classes, recurrence=2, head_channels=512, aux_channels=512,
                  head_act="leaky_relu", dropout=0.1, ccl_dim=0):
@@ -114,18 +123,22 @@ class CCNet(nn.Module):
         self.num_classes = num_classes
         self.recurrence = recurrence
         self.backbone = backbone
-        self.head = RCCAHead(channels[3], num_classes, recurrence, head_channels, head_act, dropout)
+        self.head = self.head_class(channels[3], num_classes, recurrence, head_channels, head_act, dropout)
         self.dsn = auxiliary_head(channels[2], num_classes, aux_channels, head_act, dropout)
         self.ccl_dim = ccl_dim
         # Category consistent loss (TPAMI): a 1x1 conv maps the RCCA output to a small space.
         self.ccl_proj = nn.Conv2d(self.head.inter_channels, ccl_dim, 1) if ccl_dim else None
 
     def execute(self, x):
-        features = self.backbone(x)
+        return self.decode(self.backbone(x), tuple(x.shape[2:]))
+
+    def decode(self, features, size, **head_kwargs):
+        """Heads on the backbone's stage features: the training outputs, or in eval mode the main
+        logits upsampled to ``size``. ``head_kwargs`` go to the head (the clip head's ``clip_len``)."""
         if not self.is_training():
-            logits = self.head(features[3])
-            return nn.interpolate(logits, size=tuple(x.shape[2:]), mode="bilinear", align_corners=False)
-        logits, context = self.head(features[3], return_context=True)
+            logits = self.head(features[3], **head_kwargs)
+            return nn.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        logits, context = self.head(features[3], return_context=True, **head_kwargs)
         outputs = [logits, self.dsn(features[2])]
         if self.ccl_proj is not None:
             outputs.append(self.ccl_proj(context))
