@@ -19,3 +19,4 @@ from .ade20k import ADE20KDataset  # noqa: F401
 from .cityscapes import CityscapesDataset  # noqa: F401
 from .folder import FolderDataset  # noqa: F401
 from .demo import DemoDataset  # noqa: F401
+from .demo_clips import DemoClipsDataset  # noqa: F401
