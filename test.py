@@ -3,6 +3,7 @@
 Examples::
 
     python test.py --checkpoint work_dirs/demo/best.pkl --dataset demo
+    python test.py --checkpoint work_dirs/demo_clips/best.pkl --dataset demo_clips   # clip model (temporal)
     python test.py --checkpoint ccnet_r101_ade20k.pkl --dataset ade20k --data-root data/ADEChallengeData2016 \\
         --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip --out results.json --save-pred preds/
     python test.py --checkpoint city.pkl --dataset cityscapes --mode slide --crop-size 769 --stride 513
@@ -29,7 +30,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint file, URL or model-zoo name")
-    parser.add_argument("--dataset", default="ade20k", help="dataset name (ade20k, cityscapes, folder, demo)")
+    parser.add_argument("--dataset", default="ade20k", help="dataset name (ade20k, cityscapes, folder, demo, demo_clips)")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the dataset's own)")
     parser.add_argument("--split", default="val", help="split to evaluate")
     parser.add_argument("--backbone", default=None,
@@ -94,8 +95,12 @@ class PredictionWriter:
     def __call__(self, index, pred, rgb, label):
         from utils.visualize import colorize, overlay, save_png
         stem = Path(self.dataset.samples[index][0]).stem
-        save_png(self.out_dir / f"{stem}.png", self.dataset.encode_prediction(pred))
-        save_png(self.overlay_dir / f"{stem}.png", overlay(rgb, colorize(pred, self.dataset.PALETTE)))
+        # a clip ([T, H, W] prediction) gets one file per frame: <clip>_<t>.png
+        views = [(f"{stem}_{t}", p, r) for t, (p, r) in enumerate(zip(pred, rgb))] if pred.ndim == 3 \
+            else [(stem, pred, rgb)]
+        for name, frame_pred, frame_rgb in views:
+            save_png(self.out_dir / f"{name}.png", self.dataset.encode_prediction(frame_pred))
+            save_png(self.overlay_dir / f"{name}.png", overlay(frame_rgb, colorize(frame_pred, self.dataset.PALETTE)))
 
 
 def format_table(result, class_names):

@@ -61,6 +61,13 @@ PRESETS = {
                  weight_decay=1e-4, min_lr=1e-4, eval_interval=100, save_interval=100,
                  log_interval=5, num_workers=1,
                  model_opts={"base_channels": 16, "head_channels": 64, "aux_channels": 64}),
+    # Clips of 3 frames (datasets/demo_clips.py): the class of a grey object is the colour it had in
+    # frame 0, so the temporal model (models/ccnet3d.py) must look along T. A batch is 4 clips.
+    "demo_clips": dict(backbone="resnet18", crop_size=96, batch_size=4, iters=600, lr=0.02,
+                       weight_decay=1e-4, min_lr=1e-4, eval_interval=100, save_interval=100,
+                       log_interval=5, num_workers=1,
+                       model_opts={"temporal": True, "base_channels": 16, "head_channels": 64,
+                                   "aux_channels": 64}),
 }
 
 
@@ -73,7 +80,7 @@ def parse_args(argv=None):
                + _describe(PRESETS["cityscapes"]) + ". Any flag given explicitly overrides a preset.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=RECIPE["dataset"],
-                   help="dataset name: ade20k, cityscapes, folder, demo (default: %(default)s)")
+                   help="dataset name: ade20k, cityscapes, folder, demo, demo_clips (default: %(default)s)")
     g.add_argument("--data-root", default=None,
                    help="dataset folder (the demo set is generated into $CCNET_HOME/demo when omitted)")
     g.add_argument("--crop-size", type=int, default=None,
@@ -521,6 +528,9 @@ class Trainer:
         lr = self.scheduler.step(iteration)
         # Dropout randomness of step t depends on (seed, t) only, so resuming replays it.
         jt.set_seed(_sample_seed(self.args.seed, iteration, -1 % (2 ** 31)))
+        if not getattr(self.model, "temporal", False):
+            images = images.reshape((-1,) + images.shape[-3:])  # clips for an image model: frames
+        labels = labels.reshape((-1,) + labels.shape[-2:])      # clips: one label map per frame
         outputs = self.model(jt.array(images))
         loss, terms = self.criterion(outputs, jt.array(labels))
         loss_value = dist.all_reduce_mean(float(loss.item()))   # NaN anywhere -> NaN everywhere

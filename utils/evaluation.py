@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 import jittor as jt
 
-from .inference import inference
+from .inference import clip_inference, inference
 from .metrics import ConfusionMatrix
 
 
@@ -26,6 +26,10 @@ def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(
     for every image this rank evaluates with the ``int64 [H, W]`` prediction (test.py saves PNGs
     with it). ``indices`` restricts evaluation to some images. The model's train/eval state is
     restored afterwards.
+
+    Clip datasets (``load_raw`` gives [T, H, W, 3] frames, e.g. demo_clips) are evaluated clip by
+    clip with ``utils.inference.clip_inference``: a temporal model sees each clip whole, an image
+    model its frames one by one; ``on_prediction`` then gets [T, H, W] / [T, H, W, 3] arrays.
     """
     from datasets.transforms import normalize   # late import: datasets imports utils
 
@@ -36,6 +40,7 @@ def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(
         raise ValueError(f"nothing to evaluate: the {type(dataset).__name__} split has no images")
     rank, world = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
     mine = indices[rank::world]
+    temporal = getattr(model, "temporal", False)
 
     was_training = model.is_training()
     model.eval()
@@ -43,9 +48,16 @@ def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(
         bar = tqdm(mine, desc="evaluate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
         for step, index in enumerate(bar):
             rgb, label = dataset.load_raw(index)
-            scores = inference(model, normalize(rgb), mode=mode, crop_size=crop_size, stride=stride,
-                               scales=scales, flip=flip, base_size=base_size, average=average)
-            pred = np.asarray(scores.argmax(dim=0)[0].numpy(), dtype=np.int64)
+            options = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
+                           base_size=base_size, average=average)
+            if np.ndim(rgb) == 4 or temporal:       # a clip [T, H, W, 3] (a still image: one frame)
+                frames = rgb if np.ndim(rgb) == 4 else rgb[None]
+                scores = clip_inference(model, np.stack([normalize(f) for f in frames]), **options)
+                pred = np.asarray(scores.argmax(dim=1)[0].numpy(), dtype=np.int64)
+                pred = pred if np.ndim(rgb) == 4 else pred[0]
+            else:
+                scores = inference(model, normalize(rgb), **options)
+                pred = np.asarray(scores.argmax(dim=0)[0].numpy(), dtype=np.int64)
             label = np.asarray(label)
             try:
                 matrix.update(pred, label)

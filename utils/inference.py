@@ -85,6 +85,21 @@ def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1
     return scores[0] if single else scores
 
 
+def clip_inference(model, frames, **options):
+    """Scores ``[T, C, H, W]`` for the normalised frames ``[T, 3, H, W]`` of one clip.
+
+    A temporal model (``model.temporal``, models/ccnet3d.py) sees the frames as one clip, so they
+    attend to each other; any other model segments them one by one. ``options`` are those of
+    ``inference`` and apply to every frame alike (a sliding-window tile is the same window in
+    every frame, a flip flips every frame), which keeps the frames aligned along T.
+    """
+    if getattr(model, "temporal", False):
+        def as_clip(x):                     # inference's batch of views [T, 3, h, w] -> one clip
+            return model(x.unsqueeze(0))
+        return inference(as_clip, frames, **options)
+    return inference(model, frames, **options)
+
+
 def _forward(model, x, mode, crop_size, stride):
     return _whole(model, x) if mode == "whole" else _slide(model, x, crop_size, stride)
 
