@@ -633,11 +633,13 @@ class CrissCrossAttention(nn.Module):
 
     ``impl``: "fused" (default), "elementwise" or "reference" (see ``set_default_impl``); None follows
     the module default at call time. ``keep_attention``: store the last softmaxed attention
-    [B, H+W-1, H, W] in ``self.last_attention`` (for visualisation).
+    [B, H+W-1, H, W] in ``self.last_attention`` (for visualisation). ``gamma_init``: starting value
+    of the residual scale gamma; 0 (official) makes the module start as the identity, which also
+    starts every attention weight with a zero gradient, so short schedules may never leave it.
     """
     rank = 4
 
-    def __init__(self, in_channels, impl=None, keep_attention=False):
+    def __init__(self, in_channels, impl=None, keep_attention=False, gamma_init=0.0):
         super().__init__()
         if in_channels < 8:
             raise ValueError(f"CrissCrossAttention: in_channels={in_channels} gives no query/key "
@@ -652,7 +654,7 @@ class CrissCrossAttention(nn.Module):
         self.query_conv = conv(in_channels, in_channels // 8, 1)
         self.key_conv = conv(in_channels, in_channels // 8, 1)
         self.value_conv = conv(in_channels, in_channels, 1)
-        self.gamma = jt.zeros([1])
+        self.gamma = jt.array([float(gamma_init)]).float32()
 
     def _check_input(self, x):
         expected = "[B, C, H, W]" if self.rank == 4 else "[B, C, T, H, W]"

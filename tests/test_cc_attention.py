@@ -129,6 +129,19 @@ def test_module_contract():
     np.testing.assert_array_equal(module(x).numpy(), x.numpy())      # gamma = 0: identity
 
 
+def test_gamma_init_sets_the_starting_residual_scale():
+    x = jt.array(np.random.default_rng(4).standard_normal((1, 16, 4, 6)).astype("float32"))
+    jt.set_global_seed(1)
+    started = CrissCrossAttention(16, gamma_init=0.5)
+    jt.sync(started.parameters())          # weights are drawn lazily: draw them before reseeding
+    jt.set_global_seed(1)
+    assigned = CrissCrossAttention(16)
+    assigned.gamma.assign(jt.array([0.5]).float32())
+    assert started.gamma.dtype == "float32" and started.gamma.shape == [1]
+    np.testing.assert_array_equal(started(x).numpy(), assigned(x).numpy())
+    assert not np.allclose(started(x).numpy(), x.numpy())
+
+
 def _module_grads(module, x, g):
     params = [module.query_conv.weight, module.query_conv.bias, module.key_conv.weight, module.key_conv.bias,
               module.value_conv.weight, module.value_conv.bias, module.gamma]
