@@ -37,7 +37,8 @@ def resolve_backbone_name(name):
 
 # Options consumed by the segmentor itself; everything else goes to the backbone factory.
 # ``temporal`` picks the segmentor: True builds the clip model of ccnet3d.py (TemporalCCNet).
-HEAD_OPTIONS = ("head_channels", "aux_channels", "head_act", "dropout", "ccl_dim", "temporal")
+HEAD_OPTIONS = ("head_channels", "aux_channels", "head_act", "dropout", "ccl_dim", "cca_gamma_init",
+                "temporal")
 
 
 def _accepted_options(factory):

@@ -654,7 +654,7 @@ class CrissCrossAttention(nn.Module):
         self.query_conv = conv(in_channels, in_channels // 8, 1)
         self.key_conv = conv(in_channels, in_channels // 8, 1)
         self.value_conv = conv(in_channels, in_channels, 1)
-        self.gamma = jt.array([float(gamma_init)]).float32()
+        self.gamma = jt.full([1], float(gamma_init), dtype="float32")
 
     def _check_input(self, x):
         expected = "[B, C, H, W]" if self.rank == 4 else "[B, C, T, H, W]"

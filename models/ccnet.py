@@ -57,11 +57,13 @@ class RCCAHead(nn.Module):
     attention module at all (a plain conv head, the paper's baseline). ``execute`` returns the
     logits, or (logits, attention output) with ``return_context=True`` (for the CCL projection).
     ``attention_class`` is the attention module it builds (a subclass swaps in the clip version).
+    ``gamma_init``: starting value of the attention's residual scale (official: 0; see
+    CrissCrossAttention).
     """
     attention_class = CrissCrossAttention
 
     def __init__(self, in_channels, num_classes, recurrence=2, channels=512, activation="leaky_relu",
-                 dropout=0.1):
+                 dropout=0.1, gamma_init=0.0):
         super().__init__()
         if not (isinstance(recurrence, int) and recurrence >= 0):
             raise ValueError(f"recurrence must be an int >= 0, got {recurrence!r}")
@@ -69,7 +71,7 @@ class RCCAHead(nn.Module):
         self.recurrence = recurrence
         self.inter_channels = inter_channels
         self.conva = conv_bn_act(in_channels, inter_channels, activation)
-        self.cca = self.attention_class(inter_channels) if recurrence > 0 else None
+        self.cca = self.attention_class(inter_channels, gamma_init=gamma_init) if recurrence > 0 else None
         self.convb = conv_bn_act(inter_channels, inter_channels, activation)
         self.bottleneck = nn.Sequential(
             nn.Conv2d(in_channels + inter_channels, channels, 3, padding=1, bias=False),
@@ -106,24 +108,30 @@ class CCNet(nn.Module):
     projected by a 1x1 conv) as a third item when ``ccl_dim > 0``.
     Eval mode (``model.eval()``): main logits bilinearly upsampled to the input size.
     ``head_class``: the RCCA head it builds (models/ccnet3d.py swaps in the clip head).
+    ``cca_gamma_init``: starting gamma of the criss-cross attention (official 0; a short schedule
+    such as the demo preset's starts it at 1, or the attention weights barely move, see
+    CrissCrossAttention).
     """
     head_class = RCCAHead
     temporal = False            # True: input clips [B, T, 3, H, W] (models/ccnet3d.py)
 
     def __init__(self, backbone, num_classes, recurrence=2, head_channels=512, aux_channels=512,
-                 head_act="leaky_relu", dropout=0.1, ccl_dim=0):
+                 head_act="leaky_relu", dropout=0.1, ccl_dim=0, cca_gamma_init=0.0):
         super().__init__()
         if not (isinstance(num_classes, int) and num_classes >= 1):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not (isinstance(ccl_dim, int) and ccl_dim >= 0):
             raise ValueError(f"ccl_dim must be an int >= 0, got {ccl_dim!r}")
+        if isinstance(cca_gamma_init, bool) or not isinstance(cca_gamma_init, (int, float)):
+            raise ValueError(f"cca_gamma_init must be a number, got {cca_gamma_init!r}")
         channels = list(getattr(backbone, "out_channels", ()))
         if len(channels) != 4:
             raise ValueError(f"backbone must expose out_channels (4 ints), got {channels!r}")
         self.num_classes = num_classes
         self.recurrence = recurrence
         self.backbone = backbone
-        self.head = self.head_class(channels[3], num_classes, recurrence, head_channels, head_act, dropout)
+        self.head = self.head_class(channels[3], num_classes, recurrence, head_channels, head_act, dropout,
+                                    cca_gamma_init)
         self.dsn = auxiliary_head(channels[2], num_classes, aux_channels, head_act, dropout)
         self.ccl_dim = ccl_dim
         # Category consistent loss (TPAMI): a 1x1 conv maps the RCCA output to a small space.

@@ -172,6 +172,10 @@ def test_build_model_routes_options_and_reports_errors():
         build_model("resnet18", 5, recurrence=-1, **TINY)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("resnet18", 0, **TINY)
+    assert float(tiny().head.cca.gamma.numpy()[0]) == 0.0                     # official start
+    assert float(tiny(cca_gamma_init=1.0).head.cca.gamma.numpy()[0]) == 1.0
+    with pytest.raises(ValueError, match="cca_gamma_init must be a number, got 'one'"):
+        build_model("resnet18", 5, cca_gamma_init="one", **TINY)
 
 
 def test_gradients_reach_every_parameter_including_the_stem():
