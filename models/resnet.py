@@ -34,6 +34,7 @@ STRIDE_PLANS = {
 
 # name -> (block type, blocks per stage)
 DEPTHS = {
+    "resnet10": ("basic", (1, 1, 1, 1)),       # no ImageNet weights: small receptive field, demos
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),

@@ -58,7 +58,16 @@ def test_deep_stem_resnet101_parameter_count():
     assert trainable_params(net) == standard + stem_delta + layer1_delta
 
 
-@pytest.mark.parametrize("name", RESNETS)
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    """resnet10 (no ImageNet weights; the demo's small-receptive-field backbone): torchvision's
+    resnet18 without the second basic block of each stage (two 3x3 convs + two BNs each)."""
+    net = BACKBONES["resnet10"](stem="standard")
+    second_blocks = sum(2 * 9 * p * p + 2 * 2 * p for p in (64, 128, 256, 512))
+    assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert trainable_params(net) == TORCHVISION_PARAMS["resnet18"] - (512 * 1000 + 1000) - second_blocks
+
+
+@pytest.mark.parametrize("name", ("resnet10",) + RESNETS)
 def test_stage_shapes_at_odd_input_size(name):
     net = BACKBONES[name](base_channels=4)
     feats = net(jt.randn(1, 3, 97, 129))
