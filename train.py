@@ -26,6 +26,8 @@ import signal
 import sys
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -294,8 +296,11 @@ class BatchStream:
         self._next_to_submit = None
         self.prefetch = max(1, prefetch)
         if num_workers > 0:
-            ctx = multiprocessing.get_context("fork")
-            self._pool = ctx.Pool(num_workers, initializer=_worker_init, initargs=(dataset,))
+            # An executor, not multiprocessing.Pool: when a worker is killed (pkill, a scheduler's
+            # SIGTERM to the whole job, the OOM killer) the executor reports it, where
+            # Pool.terminate() would wait forever on a queue lock the dead worker held.
+            self._pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_worker_init, initargs=(dataset,))
 
     def _permutation(self, epoch):
         if epoch not in self._perms:
@@ -318,10 +323,17 @@ class BatchStream:
         if self._pool is None:
             self._pending.append((iteration, tasks))
         else:
-            self._pending.append((iteration, [self._pool.apply_async(_worker_load, t) for t in tasks]))
+            self._pending.append((iteration, [self._pool.submit(_worker_load, *t) for t in tasks]))
 
     def next_batch(self, iteration):
         """(images [b,3,h,w] float32, labels [b,h,w] int32, seconds waited) for iteration t."""
+        try:
+            return self._next_batch(iteration)
+        except BrokenProcessPool as err:
+            raise RuntimeError("a data-loading worker died (killed by a signal or out of memory); "
+                               "--num-workers 0 loads in the main process and shows any error") from err
+
+    def _next_batch(self, iteration):
         if self._next_to_submit is None or not self._pending or self._pending[0][0] != iteration:
             self._pending.clear()              # first call, or a jump: start prefetching at t
             self._next_to_submit = iteration
@@ -333,7 +345,7 @@ class BatchStream:
         if self._pool is None:
             samples = [_load_sample(self.dataset, index, s) for index, s in items]
         else:
-            samples = [item.get() for item in items]
+            samples = [item.result() for item in items]
         images = np.stack([s[0] for s in samples])
         labels = np.stack([s[1] for s in samples])
         waited = time.perf_counter() - start
@@ -341,8 +353,7 @@ class BatchStream:
 
     def close(self):
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
 

@@ -149,6 +149,26 @@ def test_batch_stream_is_a_function_of_seed_and_iteration():
     assert [other.indices(t) for t in range(3)] != [full.indices(t) for t in range(3)]
 
 
+@pytest.mark.timeout(60)
+def test_batch_stream_survives_a_killed_worker():
+    """A worker killed from outside (pkill, a scheduler's SIGTERM to the whole job) gives a clear
+    error, and closing the stream returns (multiprocessing.Pool.terminate() used to hang here)."""
+    import threading
+    import train
+    stream = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=1)
+    stream.next_batch(0)
+    for pid in list(stream._pool._processes):
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)
+    with pytest.raises(RuntimeError, match="data-loading worker died"):
+        for t in range(1, 4):
+            stream.next_batch(t)
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "BatchStream.close() hung after a worker was killed"
+
+
 # ----------------------------------------------------------------------------------- end to end
 def test_stop_and_resume_replays_the_uninterrupted_run_exactly(data, tmp_path):
     from utils.checkpoint import read_checkpoint
