@@ -214,27 +214,20 @@ def _info_matches(root, seed, splits, size):
             info.get("size") == size and info.get("splits") == dict(splits))
 
 
-def ensure_demo(root=None, seed=0, splits=None, size=DEMO_SIZE, progress=True):
-    """Return the demo folder, generating it first if missing or made by another version.
+def generate_atomically(root, build, is_current):
+    """Create a generated folder ``root`` with ``build(path)`` without ever exposing half of it.
 
-    Generation goes to a temporary sibling folder that is renamed into place at the end, so an
+    ``build`` writes into a temporary sibling folder that is renamed into place at the end, so an
     interrupted run never leaves a half-written set, and concurrent processes (MPI ranks) simply
-    race to rename: the loser deletes its copy and uses the winner's.
+    race to rename: the loser deletes its copy and uses the winner's. ``is_current(root)`` tells
+    whether an existing folder is up to date (an outdated one is replaced). Returns ``root``.
     """
-    root = Path(root) if root is not None else default_root()
-    splits = dict(DEMO_SPLITS if splits is None else splits)
-    if _info_matches(root, seed, splits, size):
-        return root
-    # Under MPI every rank generates its own copy (a few seconds); only rank 0 reports it.
-    progress = progress and _mpi_rank() == 0
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        start = time.time()
-        generate(tmp / "set", seed=seed, splits=splits, size=size, progress=progress)
-        elapsed = time.time() - start
+        build(tmp / "set")
         if root.exists():
-            if _info_matches(root, seed, splits, size):     # another process won the race
+            if is_current(root):                            # another process won the race
                 return root
             stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
             os.replace(root, stale / "set")                 # set an outdated version aside
@@ -242,13 +235,28 @@ def ensure_demo(root=None, seed=0, splits=None, size=DEMO_SIZE, progress=True):
         try:
             os.replace(tmp / "set", root)
         except OSError:
-            if not _info_matches(root, seed, splits, size):
+            if not is_current(root):
                 raise
-        if progress:
-            print(f"demo set: {sum(splits.values())} images generated in {root} ({elapsed:.1f} s)")
         return root
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_demo(root=None, seed=0, splits=None, size=DEMO_SIZE, progress=True):
+    """Return the demo folder, generating it first (atomically, see ``generate_atomically``) if
+    missing or made by another version."""
+    root = Path(root) if root is not None else default_root()
+    splits = dict(DEMO_SPLITS if splits is None else splits)
+    if _info_matches(root, seed, splits, size):
+        return root
+    # Under MPI every rank generates its own copy (a few seconds); only rank 0 reports it.
+    progress = progress and _mpi_rank() == 0
+    start = time.time()
+    generate_atomically(root, lambda path: generate(path, seed=seed, splits=splits, size=size, progress=progress),
+                        lambda path: _info_matches(path, seed, splits, size))
+    if progress:
+        print(f"demo set: {sum(splits.values())} images generated in {root} ({time.time() - start:.1f} s)")
+    return root
 
 
 # -------------------------------------------------------------------------------------- dataset

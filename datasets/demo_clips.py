@@ -25,8 +25,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from PIL import Image
 from . import transforms as T
 from .base import (BadSampleError, BadSampleWarning, DatasetError, SegDataset, make_lut, read_image, read_label,
                    register_dataset)
+from .demo import generate_atomically
 
 CLIPS_VERSION = 1          # bump when the generator changes: cached sets are then regenerated
 CLIP_SIZE = 96
@@ -154,35 +153,16 @@ def _info_matches(root, expected):
 
 
 def ensure_demo_clips(root=None, seed=0, splits=None, size=CLIP_SIZE, clip_len=CLIP_LEN):
-    """Return the clip folder, generating it first if missing or made by another version.
-
-    Written to a temporary sibling folder and renamed into place: an interrupted run never leaves
-    a half-written set, and concurrent processes (MPI ranks) race to rename, the loser using the
-    winner's copy.
-    """
+    """Return the clip folder, generating it first (atomically: ``demo.generate_atomically``) if
+    missing or made by another version."""
     root = Path(root) if root is not None else default_root()
     expected = {"version": CLIPS_VERSION, "seed": seed, "size": size, "clip_len": clip_len,
                 "splits": dict(CLIP_SPLITS if splits is None else splits)}
     if _info_matches(root, expected):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        generate(tmp / "set", seed=seed, splits=expected["splits"], size=size, clip_len=clip_len)
-        if root.exists():
-            if _info_matches(root, expected):                # another process won the race
-                return root
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, stale / "set")                  # set an outdated version aside
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp / "set", root)
-        except OSError:
-            if not _info_matches(root, expected):
-                raise
-        return root
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return generate_atomically(
+        root, lambda path: generate(path, seed=seed, splits=expected["splits"], size=size, clip_len=clip_len),
+        lambda path: _info_matches(path, expected))
 
 
 # -------------------------------------------------------------------------------------- dataset
