@@ -638,6 +638,7 @@ class CrissCrossAttention(nn.Module):
     starts every attention weight with a zero gradient, so short schedules may never leave it.
     """
     rank = 4
+    projection_conv = nn.Conv2d         # the 1x1 Q/K/V convs; a subclass may store them otherwise
 
     def __init__(self, in_channels, impl=None, keep_attention=False, gamma_init=0.0):
         super().__init__()
@@ -650,7 +651,7 @@ class CrissCrossAttention(nn.Module):
         self.impl = impl
         self.keep_attention = keep_attention
         self.last_attention = None
-        conv = nn.Conv2d if self.rank == 4 else nn.Conv3d
+        conv = self.projection_conv
         self.query_conv = conv(in_channels, in_channels // 8, 1)
         self.key_conv = conv(in_channels, in_channels // 8, 1)
         self.value_conv = conv(in_channels, in_channels, 1)
@@ -703,3 +704,4 @@ class CrissCrossAttention3D(CrissCrossAttention):
     as the 2D module (1x1x1 convs), so a 2D checkpoint loads into it; with T = 1 it computes exactly
     what the 2D module computes (the 2D ops are these kernels with T = 1)."""
     rank = 5
+    projection_conv = nn.Conv3d

@@ -24,12 +24,7 @@ class ClipCrissCrossAttention(CrissCrossAttention3D):
     """``CrissCrossAttention3D`` whose 1x1x1 projections are stored as 1x1 ``nn.Conv2d`` weights
     ([C', C, 1, 1], the 2D module's shapes) so 2D checkpoints fit. The computation is the same:
     the 3D module applies its projections per frame as a 2D convolution anyway."""
-
-    def __init__(self, in_channels, **kwargs):
-        super().__init__(in_channels, **kwargs)
-        self.query_conv = nn.Conv2d(in_channels, in_channels // 8, 1)
-        self.key_conv = nn.Conv2d(in_channels, in_channels // 8, 1)
-        self.value_conv = nn.Conv2d(in_channels, in_channels, 1)
+    projection_conv = nn.Conv2d
 
 
 def frames_to_clips(x, clip_len):
