@@ -70,10 +70,10 @@ NEUTRAL_GREY = (110, 110, 110)
 FAR_FRACTION = 0.625       # disc centres right of / square centres below this fraction of the size
 
 
-def default_root():
-    """``$CCNET_HOME/demo``, default ``~/.cache/ccnet-jittor/demo``."""
+def default_root(name="demo"):
+    """``$CCNET_HOME/<name>``, default ``~/.cache/ccnet-jittor/demo`` (generated sets live there)."""
     home = os.environ.get("CCNET_HOME") or os.path.join("~", ".cache", "ccnet-jittor")
-    return Path(home).expanduser() / "demo"
+    return Path(home).expanduser() / name
 
 
 # ------------------------------------------------------------------------------------ generator

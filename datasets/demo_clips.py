@@ -24,7 +24,6 @@ along T. ``python -m datasets.demo_clips --out images/demo_clips_samples.png`` d
 import argparse
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -34,13 +33,13 @@ from PIL import Image
 from . import transforms as T
 from .base import (BadSampleError, BadSampleWarning, DatasetError, SegDataset, make_lut, read_image, read_label,
                    register_dataset)
-from .demo import generate_atomically
+from .ade20k import SPLIT_FOLDERS
+from .demo import _write_png, default_root as _demo_root, generate_atomically
 
 CLIPS_VERSION = 1          # bump when the generator changes: cached sets are then regenerated
 CLIP_SIZE = 96
 CLIP_LEN = 3
 CLIP_SPLITS = {"training": 300, "validation": 50}
-SPLIT_FOLDERS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 
 CLIP_CLASSES = ("background", "ring", "red", "blue", "grey/was-red", "grey/was-blue")
 CLIP_PALETTE = [[60, 60, 60], [250, 250, 120], [220, 40, 40], [50, 80, 230], [250, 140, 140],
@@ -52,12 +51,6 @@ GREY_OF = {RED: GREY_RED, BLUE: GREY_BLUE}
 COLOURS = {RED: (205, 35, 35), BLUE: (40, 60, 210)}
 OBJECT_GREY = 170
 RING_WHITE = 245
-
-
-def default_root():
-    """``$CCNET_HOME/demo_clips``, default ``~/.cache/ccnet-jittor/demo_clips``."""
-    home = os.environ.get("CCNET_HOME") or os.path.join("~", ".cache", "ccnet-jittor")
-    return Path(home).expanduser() / "demo_clips"
 
 
 # ------------------------------------------------------------------------------------ generator
@@ -121,10 +114,6 @@ def make_clip(rng, size=CLIP_SIZE, clip_len=CLIP_LEN):
     return frames, labels
 
 
-def _write_png(array, path):
-    Image.fromarray(array).save(path, format="PNG", compress_level=6)   # bytes depend on pixels only
-
-
 def generate(out_dir, seed=0, splits=None, size=CLIP_SIZE, clip_len=CLIP_LEN):
     """Write the clip set into ``out_dir`` (which must not exist yet); returns its info dict."""
     splits = dict(CLIP_SPLITS if splits is None else splits)
@@ -155,7 +144,7 @@ def _info_matches(root, expected):
 def ensure_demo_clips(root=None, seed=0, splits=None, size=CLIP_SIZE, clip_len=CLIP_LEN):
     """Return the clip folder, generating it first (atomically: ``demo.generate_atomically``) if
     missing or made by another version."""
-    root = Path(root) if root is not None else default_root()
+    root = Path(root) if root is not None else _demo_root("demo_clips")
     expected = {"version": CLIPS_VERSION, "seed": seed, "size": size, "clip_len": clip_len,
                 "splits": dict(CLIP_SPLITS if splits is None else splits)}
     if _info_matches(root, expected):
@@ -236,7 +225,10 @@ class DemoClipsDataset(SegDataset):
         warnings.warn(f"skip_bad=True: skipping {message}", BadSampleWarning, stacklevel=3)
 
     def label_lut(self, label_path):
-        return make_lut({**{i: i for i in range(len(CLIP_CLASSES))}, self.ignore_index: self.ignore_index})
+        # label values are class indices already; one table serves every frame
+        if getattr(self, "_lut", None) is None:
+            self._lut = make_lut({**{i: i for i in range(len(CLIP_CLASSES))}, self.ignore_index: self.ignore_index})
+        return self._lut
 
     def encode_train_ids(self, pred):
         return np.asarray(pred).astype(np.uint8)
