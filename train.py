@@ -550,15 +550,13 @@ class Trainer:
         labels = labels.reshape((-1,) + labels.shape[-2:])      # clips: one label map per frame
         outputs = self.model(jt.array(images))
         loss, terms = self.criterion(outputs, jt.array(labels))
-        loss_value = dist.all_reduce_mean(float(loss.item()))   # NaN anywhere -> NaN everywhere
-        if not math.isfinite(loss_value):
-            return {"loss": loss_value, "lr": lr, **terms}, waited, None
+        # every term averaged over ranks in one collective: NaN anywhere -> NaN everywhere
+        means = dict(zip(terms, dist.all_reduce_mean(list(terms.values()))))
+        record = {"loss": means["loss"], "lr": lr, **means}
+        if not math.isfinite(record["loss"]):
+            return record, waited, None
         self.optimizer.step(loss)
         jt.sync_all(True)
-        record = {"loss": loss_value, "lr": lr}
-        for key, value in terms.items():
-            record[key] = dist.all_reduce_mean(float(value)) if dist.in_mpi() else float(value)
-        record["loss"] = loss_value
         return record, waited, time.perf_counter() - start
 
     def evaluate(self, iteration):
@@ -678,7 +676,6 @@ def _config_record(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.work_dir, exist_ok=True) if dist.is_main() else None
     trainer = Trainer(args)
     return trainer.run()
 

@@ -36,11 +36,6 @@ def is_main():
     return rank() == 0
 
 
-def barrier():
-    if jt.in_mpi:
-        jt.mpi.mpi_barrier()
-
-
 def shard_bounds(global_batch, rank_=None, world=None):
     """[start, stop) of this rank's part of a global batch of ``global_batch`` samples."""
     rank_ = rank() if rank_ is None else rank_
@@ -72,20 +67,12 @@ def broadcast_int(value, root=0):
 
 
 def all_reduce_mean(value):
-    """Mean of a float over ranks (training loss for the log equals the full-batch loss)."""
-    if not jt.in_mpi:
-        return float(value)
-    return float(jt.array(np.array([value], dtype=np.float32)).mpi_all_reduce("mean").item())
-
-
-def all_reduce_max(value):
-    """Max of a float over ranks, via add of one-hot slots (Jittor offers only add/mean)."""
-    if not jt.in_mpi:
-        return float(value)
-    slots = np.zeros(world_size(), dtype=np.float64)
-    slots[rank()] = value
-    gathered = jt.array(slots).mpi_all_reduce("add").numpy()
-    return float(gathered.max())
+    """Mean over ranks of a float, or elementwise of a list of floats (one collective for all of
+    them; training losses for the log equal the full-batch losses)."""
+    values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    if jt.in_mpi:
+        values = jt.array(values.astype(np.float32)).mpi_all_reduce("mean").numpy().astype(np.float64)
+    return float(values[0]) if np.ndim(value) == 0 else [float(v) for v in values]
 
 
 def any_rank(flag):
