@@ -501,11 +501,11 @@ class Trainer:
         return path
 
     def _resume(self, source):
-        from utils.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+        from utils.checkpoint import CheckpointError, Prepared, load_checkpoint, read_checkpoint
         path = resume_path(source)
         state = getattr(self.args, "_resume_state", None) or read_checkpoint(path)
-        try:
-            load_checkpoint(self.model, path, log=print if self.main else _quiet)   # checks keys, shapes
+        try:                                                              # checks keys, shapes
+            load_checkpoint(self.model, Prepared(path, raw=state), log=print if self.main else _quiet)
         except CheckpointError as err:
             raise SystemExit(f"--resume {path} does not fit the model built from the flags "
                              f"(--backbone {self.args.backbone} --recurrence {self.args.recurrence}, "

@@ -510,11 +510,12 @@ def detect_layout(state, where="checkpoint"):
 
 
 class Prepared:
-    """A checkpoint read and converted to our key names."""
+    """A checkpoint read and converted to our key names (``raw``: its content when the caller has
+    read the file already, so it is not read twice)."""
 
-    def __init__(self, source):
+    def __init__(self, source, raw=None):
         self.path = _resolve(source)
-        self.raw = read_checkpoint(self.path)
+        self.raw = read_checkpoint(self.path) if raw is None else raw
         state = extract_state_dict(self.raw, str(self.path))
         self.layout = detect_layout(state, str(self.path))
         state, counters = _split_bn_counters(state)
