@@ -93,14 +93,14 @@ class PredictionWriter:
         self.dataset = dataset
 
     def __call__(self, index, pred, rgb, label):
-        from utils.visualize import colorize, overlay, save_png
+        from utils.visualize import overlay, save_png
         stem = Path(self.dataset.samples[index][0]).stem
         # a clip ([T, H, W] prediction) gets one file per frame: <clip>_<t>.png
         views = [(f"{stem}_{t}", p, r) for t, (p, r) in enumerate(zip(pred, rgb))] if pred.ndim == 3 \
             else [(stem, pred, rgb)]
         for name, frame_pred, frame_rgb in views:
             save_png(self.out_dir / f"{name}.png", self.dataset.encode_prediction(frame_pred))
-            save_png(self.overlay_dir / f"{name}.png", overlay(frame_rgb, colorize(frame_pred, self.dataset.PALETTE)))
+            save_png(self.overlay_dir / f"{name}.png", overlay(frame_rgb, self.dataset.colorize(frame_pred)))
 
 
 def format_table(result, class_names):

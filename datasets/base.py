@@ -372,10 +372,8 @@ class SegDataset(Dataset):
     # ----------------------------------------------------------------------------- visualising
     def colorize(self, label):
         """Train-id label [H, W] -> RGB uint8 picture with the dataset palette (ignore = black)."""
-        table = np.zeros((256, 3), dtype=np.uint8)
-        table[:len(self.PALETTE)] = np.asarray(self.PALETTE, dtype=np.uint8)
-        label = np.asarray(label)
-        return table[np.where((label >= 0) & (label < 256), label, 255)]
+        from utils.visualize import colorize
+        return colorize(label, self.PALETTE, self.ignore_index)
 
 
 def _ranges(values):

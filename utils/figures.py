@@ -96,8 +96,8 @@ def predictions_figure(path, model, dataset, count=4):
         rgb, label = dataset.load_raw(col)
         pred = _predict(model, rgb)
         matrix.update(pred, label)
-        for row, picture in enumerate((rgb, visualize.colorize(label, dataset.PALETTE),
-                                       visualize.colorize(pred, dataset.PALETTE))):
+        for row, picture in enumerate((rgb, dataset.colorize(label),
+                                       dataset.colorize(pred))):
             axes[row, col].imshow(picture, interpolation="nearest")
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
