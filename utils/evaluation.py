@@ -10,9 +10,8 @@ Under MPI each rank takes every ``world_size``-th image and the confusion matric
 import numpy as np
 from tqdm import tqdm
 
-import jittor as jt
-
-from .inference import clip_inference, inference
+from . import distributed as dist
+from .inference import clip_inference
 from .metrics import ConfusionMatrix
 
 
@@ -38,26 +37,21 @@ def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(
     indices = list(range(len(dataset.samples))) if indices is None else list(indices)
     if not indices:
         raise ValueError(f"nothing to evaluate: the {type(dataset).__name__} split has no images")
-    rank, world = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
-    mine = indices[rank::world]
-    temporal = getattr(model, "temporal", False)
+    mine = indices[dist.rank()::dist.world_size()]
+    options = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
+                   base_size=base_size, average=average)
 
     was_training = model.is_training()
     model.eval()
     try:
-        bar = tqdm(mine, desc="evaluate", unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
+        bar = tqdm(mine, desc="evaluate", unit="img", disable=not progress or not dist.is_main(), dynamic_ncols=True)
         for step, index in enumerate(bar):
             rgb, label = dataset.load_raw(index)
-            options = dict(mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
-                           base_size=base_size, average=average)
-            if np.ndim(rgb) == 4 or temporal:       # a clip [T, H, W, 3] (a still image: one frame)
-                frames = rgb if np.ndim(rgb) == 4 else rgb[None]
-                scores = clip_inference(model, np.stack([normalize(f) for f in frames]), **options)
-                pred = np.asarray(scores.argmax(dim=1)[0].numpy(), dtype=np.int64)
-                pred = pred if np.ndim(rgb) == 4 else pred[0]
-            else:
-                scores = inference(model, normalize(rgb), **options)
-                pred = np.asarray(scores.argmax(dim=0)[0].numpy(), dtype=np.int64)
+            clip = np.ndim(rgb) == 4                # a clip [T, H, W, 3]; a still image is one frame
+            frames = rgb if clip else rgb[None]
+            scores = clip_inference(model, np.stack([normalize(f) for f in frames]), **options)
+            pred = np.asarray(scores.argmax(dim=1)[0].numpy(), dtype=np.int64)
+            pred = pred if clip else pred[0]
             label = np.asarray(label)
             try:
                 matrix.update(pred, label)
