@@ -145,8 +145,9 @@ def write_json(path, result, class_names, args, backbone, recurrence):
 
 def main(argv=None):
     args = parse_args(argv)
-    jt = runtime.activate()
-    is_main = not jt.in_mpi or jt.rank == 0
+    runtime.activate()
+    from utils import distributed as dist
+    is_main = dist.is_main()
     import datasets
     from utils.evaluation import ModelLoadError, evaluate, load_model_for_inference, one_paragraph
 

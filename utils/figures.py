@@ -26,16 +26,9 @@ from . import visualize
 IMAGES = Path(__file__).resolve().parents[1] / "images"
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def criss_cross_figure(path, size=(9, 11), pixel=(3, 6)):
     """Geometry of one and two criss-cross loops on a ``size`` = (H, W) grid for ``pixel`` (y, x)."""
-    plt = _pyplot()
+    plt = visualize.pyplot()
     from matplotlib.colors import ListedColormap
     height, width = size
     y, x = pixel
@@ -87,7 +80,7 @@ def _predict(model, rgb):
 
 def predictions_figure(path, model, dataset, count=4):
     """Rows of (image, ground truth, prediction) for the first ``count`` validation images."""
-    plt = _pyplot()
+    plt = visualize.pyplot()
     from matplotlib.patches import Patch
     from utils.metrics import ConfusionMatrix
     fig, axes = plt.subplots(3, count, figsize=(2.3 * count + 2.2, 7.2))

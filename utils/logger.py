@@ -94,9 +94,8 @@ class TrainLogger:
 
 def plot_curves(records, path):
     """Two panels: loss (raw + moving average) and validation mIoU, against the iteration."""
-    import matplotlib
-    matplotlib.use("Agg")                      # no display on training machines
-    import matplotlib.pyplot as plt
+    from .visualize import pyplot
+    plt = pyplot()
 
     train = [r for r in records if r.get("type") == "train" and isinstance(r.get("loss"), (int, float))]
     val = [r for r in records if r.get("type") == "val"]

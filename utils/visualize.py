@@ -17,6 +17,14 @@ v = (y_p, x_u), which is the paper's argument that two loops give full-image con
 import numpy as np
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on training machines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 # --------------------------------------------------------------------------- label pictures
 def colorize(label, palette, ignore_index=255):
     """uint8 RGB picture of an integer label map; ignored / unknown values are black."""
@@ -164,9 +172,7 @@ def heat_overlay(rgb, weights, alpha=0.6, cmap="jet", gamma=0.5):
 def save_attention_figure(path, rgb, first, second, point, title=None):
     """[image | one loop | two loops] for image pixel ``point`` = (X, Y); ``first`` / ``second``
     are the attention maps of loops 1 and 2 (``[H+W-1, h, w]``)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fy, fx = feature_position(point, rgb.shape[:2], first.shape[1:])
     maps = [one_loop_map(first, fy, fx), two_loop_map(first, second, fy, fx)]
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4))
