@@ -374,7 +374,9 @@ ds = datasets.build_dataset("ade20k", data_root={root!r}, split="train", mode="t
                             shuffle=True)
 for epoch in range(2):
     seen = [np.asarray(y.numpy())[:, 0, 0].tolist() for _, y in ds]
-    print("RESULT", jt.rank, jt.world_size, epoch, seen, flush=True)
+    # one file per rank and epoch: mpirun may interleave the ranks' stdout mid-line
+    with open({out!r} + f"/result_{{jt.rank}}_{{epoch}}.txt", "w") as f:
+        f.write(" ".join(map(str, ("RESULT", jt.rank, jt.world_size, epoch, seen))))
 '''
 
 
@@ -392,14 +394,15 @@ def test_mpi_ranks_get_disjoint_shares_of_each_batch(tmp_path):
                    np.full((4, 4), i + 1), seed=i)
     script = tmp_path / "mpi_check.py"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script.write_text(MPI_SCRIPT.format(repo=repo, root=str(root)))
+    script.write_text(MPI_SCRIPT.format(repo=repo, root=str(root), out=str(tmp_path)))
     command = ["mpirun", "-np", "2"]
     if os.geteuid() == 0:
         command.append("--allow-run-as-root")
     env = dict(os.environ, CCNET_QUIET="1", OMP_NUM_THREADS="1")
     run = subprocess.run(command + [sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300, env=env)
-    results = [line.split(" ", 4)[1:] for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    lines = [path.read_text() for path in sorted(tmp_path.glob("result_*.txt"))]
+    results = [line.split(" ", 4)[1:] for line in lines if line.startswith("RESULT")]
     assert len(results) == 4, run.stdout + run.stderr
     for epoch in ("0", "1"):
         shares = {rank: ast.literal_eval(seen) for rank, world, ep, seen in results if ep == epoch}
