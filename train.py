@@ -450,22 +450,36 @@ class Trainer:
         opts.setdefault("dropout", args.dropout)
         if args.ccl:
             opts.setdefault("ccl_dim", 16)
-        self.arch = dict(backbone=args.backbone, num_classes=self.num_classes, recurrence=args.recurrence, **opts)
-        self.model = models.build_model(args.backbone, self.num_classes, recurrence=args.recurrence, **opts)
-        # Jittor initialises weights lazily: without this sync the random init would run inside
-        # the first training step, after that step's jt.set_seed, i.e. from another seed.
-        jt.sync(list(self.model.state_dict().values()))
+        pretrained = None
         if args.pretrained and not args.resume:       # resuming: the checkpoint has the weights
-            from utils.checkpoint import load_backbone_weights
-            from utils.checkpoint import CheckpointError
+            from utils.checkpoint import CheckpointError, Prepared
             source = args.pretrained
             looks_like_file = os.sep in source or source.endswith((".pth", ".pt", ".pkl", ".bin", ".tar"))
             if "://" not in source and looks_like_file and not os.path.isfile(source):
                 raise SystemExit(f"--pretrained {source}: no such file")
             try:
-                load_backbone_weights(self.model, source, log=print if self.main else _quiet)
+                pretrained = Prepared(source)
             except (CheckpointError, FileNotFoundError) as err:
                 raise SystemExit(f"--pretrained {source} cannot be loaded into the {args.backbone} "
+                                 f"backbone: {err}") from None
+            # a deep stem takes the widths and pooling the weights were trained with (OpenMMLab
+            # V1c's stem is narrower and floors)
+            planned = models.ModelConfig(args.backbone, self.num_classes, args.recurrence, opts)
+            if pretrained.arch.get("stem") == "deep" == planned.effective_options().get("stem"):
+                for key in ("stem_widths", "stem_pool_ceil"):
+                    if key in pretrained.arch:
+                        opts.setdefault(key, pretrained.arch[key])
+        self.model = models.build_model(args.backbone, self.num_classes, recurrence=args.recurrence, **opts)
+        self.arch = self.model.config.to_dict()
+        # Jittor initialises weights lazily: without this sync the random init would run inside
+        # the first training step, after that step's jt.set_seed, i.e. from another seed.
+        jt.sync(list(self.model.state_dict().values()))
+        if pretrained is not None:
+            from utils.checkpoint import CheckpointError, load_backbone_weights
+            try:
+                load_backbone_weights(self.model, pretrained, log=print if self.main else _quiet)
+            except CheckpointError as err:
+                raise SystemExit(f"--pretrained {args.pretrained} cannot be loaded into the {args.backbone} "
                                  f"backbone: {err}") from None
         dist.broadcast_module(self.model)
         self.model.train()

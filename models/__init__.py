@@ -7,6 +7,7 @@ stage features (strides 4, 8/16/32 depending on dilation) and which exposes ``ou
 (four ints) so heads never hard-code channel counts.
 """
 import inspect
+from dataclasses import dataclass, field
 
 import utils  # noqa: F401  (configures Jittor before it is imported)
 
@@ -48,13 +49,71 @@ def _accepted_options(factory):
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """What ``build_model`` was called with: enough to build the same model again.
+
+    ``options`` holds the head and backbone options exactly as given (defaults left out), so
+    ``build_model(**config.to_dict())`` rebuilds the model. Checkpoints store ``to_dict()``.
+    """
+    backbone: str
+    num_classes: int
+    recurrence: int = 2
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", dict(self.options))    # never shared with the caller
+
+    def to_dict(self):
+        """The flat ``build_model`` keywords: backbone, num_classes, recurrence and the options."""
+        return {"backbone": self.backbone, "num_classes": self.num_classes, "recurrence": self.recurrence,
+                **self.options}
+
+    @classmethod
+    def from_dict(cls, arch):
+        """The inverse of ``to_dict``; a missing backbone or num_classes is a ValueError."""
+        arch = dict(arch)
+        missing = [k for k in ("backbone", "num_classes") if arch.get(k) is None]
+        if missing:
+            raise ValueError(f"a model config needs {' and '.join(missing)}, got {arch}")
+        return cls(arch.pop("backbone"), int(arch.pop("num_classes")), int(arch.pop("recurrence", 2)), arch)
+
+    def replace(self, **changes):
+        """A copy with some fields or options changed (an option set to None is removed)."""
+        arch = self.to_dict()
+        arch.update(changes)
+        return ModelConfig.from_dict({k: v for k, v in arch.items() if v is not None})
+
+    def with_backbone(self, backbone):
+        """The same head on another backbone: this config's backbone options do not apply to it."""
+        head = {k: v for k, v in self.options.items() if k in HEAD_OPTIONS}
+        return ModelConfig(backbone, self.num_classes, self.recurrence, head)
+
+    def effective_options(self):
+        """Every option of this model, defaults filled in (None: the backbone decides)."""
+        return {**option_defaults(self.backbone), **self.options}
+
+
+def option_defaults(backbone):
+    """The default of every head and backbone option ``build_model`` accepts for ``backbone``."""
+    from .ccnet import CCNet
+    defaults = {}
+    for function in (BACKBONES[resolve_backbone_name(backbone)], CCNet.__init__):
+        for param in inspect.signature(function).parameters.values():
+            if param.default is not param.empty and param.name not in ("num_classes", "recurrence"):
+                defaults[param.name] = param.default
+    defaults["temporal"] = False
+    return defaults
+
+
 def build_model(backbone, num_classes, recurrence=2, **opts):
-    """CCNet on a registered backbone.
+    """CCNet on a registered backbone; its ``config`` (``ModelConfig``) records these arguments.
 
     ``opts`` holds head options (``HEAD_OPTIONS``, see ``CCNet``) and backbone options (e.g.
-    ``output_stride``, ``stem``, ``base_channels`` for ResNets); an option neither takes raises
-    a TypeError naming it. ``temporal=True`` builds ``TemporalCCNet`` (models/ccnet3d.py): input
-    clips [B, T, 3, H, W], space-time criss-cross attention, per-frame outputs [B*T, ...].
+    ``output_stride``, ``stem``, ``stem_widths``, ``base_channels`` for ResNets); an option
+    neither takes raises a TypeError naming it. ``temporal=True`` builds ``TemporalCCNet``
+    (models/ccnet3d.py): input clips [B, T, 3, H, W], space-time criss-cross attention,
+    per-frame outputs [B*T, ...].
     """
     from .ccnet import CCNet
     from .ccnet3d import TemporalCCNet
@@ -74,7 +133,9 @@ def build_model(backbone, num_classes, recurrence=2, **opts):
     temporal = head_opts.pop("temporal", False)
     if not isinstance(temporal, bool):
         raise ValueError(f"build_model: temporal must be True or False, got {temporal!r}")
-    return segmentors[temporal](factory(**backbone_opts), num_classes, recurrence=recurrence, **head_opts)
+    model = segmentors[temporal](factory(**backbone_opts), num_classes, recurrence=recurrence, **head_opts)
+    model.config = ModelConfig(name, num_classes, recurrence, opts)
+    return model
 
 
 # Importing the backbone modules registers them.

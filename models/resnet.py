@@ -11,6 +11,9 @@ Choices the segmentation literature made and that we keep configurable:
 
 * ``stem="deep"`` (default, the official CCNet / "ResNet-C" stem): 3x3 convs base-base-2*base,
   then a ceil-mode max pool; ``stem="standard"``: torchvision's 7x7 conv and floor-mode pool.
+  ``stem_widths`` gives the deep stem other widths (OpenMMLab's ResNetV1c: base/2-base/2-base) and
+  ``stem_pool_ceil`` the max pool's rounding (V1c floors), so every published variant is built
+  directly and its weights fit as they are.
 * ``output_stride`` 8 (default: layer3 dilation 2, layer4 dilation 4, as the official code),
   16 or 32. Stages that stop striding dilate instead so every filter still covers the image
   area it was trained on.
@@ -98,7 +101,8 @@ class ResNet(nn.Module):
     """Backbone returning the four stage features [layer1, layer2, layer3, layer4]."""
 
     def __init__(self, block="bottleneck", layers=(3, 4, 23, 3), stem="deep", output_stride=8,
-                 multi_grid=(1, 1, 1), base_channels=64, contract_dilation=False):
+                 multi_grid=(1, 1, 1), base_channels=64, contract_dilation=False, stem_widths=None,
+                 stem_pool_ceil=None):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; expected one of {sorted(BLOCKS)}")
@@ -111,25 +115,35 @@ class ResNet(nn.Module):
             raise ValueError(f"multi_grid must hold positive ints, got {multi_grid!r}")
         if not (isinstance(base_channels, int) and base_channels >= 1):
             raise ValueError(f"base_channels must be a positive int, got {base_channels!r}")
+        if stem_widths is not None:
+            if stem != "deep":
+                raise ValueError(f"stem_widths {stem_widths!r} needs the deep stem, got stem={stem!r}")
+            stem_widths = tuple(stem_widths)
+            if len(stem_widths) != 3 or not all(isinstance(w, int) and w >= 1 for w in stem_widths):
+                raise ValueError(f"stem_widths must be three positive ints, got {stem_widths!r}")
+        if stem_pool_ceil not in (None, True, False):
+            raise ValueError(f"stem_pool_ceil must be True, False or None, got {stem_pool_ceil!r}")
         block_type = BLOCKS[block]
         self.stem = stem
         self.output_stride = output_stride
 
         if stem == "deep":
-            self.conv1 = conv3x3(3, base_channels, stride=2)
-            self.bn1 = nn.BatchNorm2d(base_channels)
-            self.conv2 = conv3x3(base_channels, base_channels)
-            self.bn2 = nn.BatchNorm2d(base_channels)
-            self.conv3 = conv3x3(base_channels, 2 * base_channels)
-            self.bn3 = nn.BatchNorm2d(2 * base_channels)
-            # ceil mode as the official code: a 97-pixel side gives 49 -> 25, not 24.
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
-            in_channels = 2 * base_channels
+            widths = stem_widths or (base_channels, base_channels, 2 * base_channels)
+            self.conv1 = conv3x3(3, widths[0], stride=2)
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.conv2 = conv3x3(widths[0], widths[1])
+            self.bn2 = nn.BatchNorm2d(widths[1])
+            self.conv3 = conv3x3(widths[1], widths[2])
+            self.bn3 = nn.BatchNorm2d(widths[2])
+            in_channels = widths[2]
         else:
             self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
             self.bn1 = nn.BatchNorm2d(base_channels)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             in_channels = base_channels
+        # The deep stem pools in ceil mode as the official code, the standard stem floors as
+        # torchvision: the two disagree on even sides, and the weights were trained with one.
+        ceil_mode = stem == "deep" if stem_pool_ceil is None else stem_pool_ceil
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=ceil_mode)
 
         plan = STRIDE_PLANS[output_stride]
         self.out_channels, self.out_strides = [], []
@@ -179,9 +193,10 @@ def _make_factory(name):
     block, layers = DEPTHS[name]
 
     def factory(stem="deep", output_stride=8, multi_grid=(1, 1, 1), base_channels=64,
-                contract_dilation=False):
+                contract_dilation=False, stem_widths=None, stem_pool_ceil=None):
         return ResNet(block, layers, stem=stem, output_stride=output_stride, multi_grid=multi_grid,
-                      base_channels=base_channels, contract_dilation=contract_dilation)
+                      base_channels=base_channels, contract_dilation=contract_dilation,
+                      stem_widths=stem_widths, stem_pool_ceil=stem_pool_ceil)
 
     factory.__name__ = name
     factory.__doc__ = f"{name} ({block} blocks {layers}); options as ResNet."

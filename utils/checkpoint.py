@@ -554,7 +554,8 @@ def _resnet_arch(state):
     if "backbone.conv2.weight" in state:
         widths = tuple(int(state[f"backbone.conv{i}.weight"].shape[0]) for i in (1, 2, 3))
         arch["stem"] = "deep"
-        arch["stem_widths"] = widths if widths != (base, base, 2 * base) else None
+        if widths != (base, base, 2 * base):
+            arch["stem_widths"] = widths
     else:
         arch["stem"] = "standard"
     return arch
@@ -584,28 +585,6 @@ def _arch_from_weights(state, layout):
     return arch
 
 
-def checkpoint_meta(source):
-    """What utils.evaluation.load_model_for_inference asks: backbone, recurrence, num_classes and the
-    other build_model options (model_opts) of a full-model checkpoint, {} for a backbone one.
-    Variants build_model cannot express (mmseg's 32-32-64 stem) need build_model_from_checkpoint."""
-    prepared = Prepared(source)
-    if prepared.layout.kind != "segmentor":
-        return {}
-    arch = dict(prepared.arch)
-    meta = {k: arch.pop(k) for k in ("backbone", "recurrence", "num_classes") if k in arch}
-    meta["model_opts"] = {k: v for k, v in arch.items() if k not in EXTRA_OPTIONS and k in _build_model_options(meta)}
-    return meta
-
-
-def _build_model_options(meta):
-    """Option names build_model accepts for this backbone (head options + the factory's keywords)."""
-    import inspect
-
-    import models
-    factory = models.BACKBONES[models.resolve_backbone_name(meta.get("backbone", "resnet101"))]
-    return set(models.HEAD_OPTIONS) | set(inspect.signature(factory).parameters)
-
-
 def checkpoint_arch(source):
     """The build_model options of a checkpoint: from its weights' shapes, its layout, its zoo entry
     and (our own files) the ``arch`` saved with it."""
@@ -614,78 +593,15 @@ def checkpoint_arch(source):
 
 # =============================================================== building and loading
 
-EXTRA_OPTIONS = ("stem_widths", "stem_pool_ceil")   # not build_model options: applied by _adapt_stem
-
-
-def build_from_arch(arch):
-    """build_model(**arch), then the stem variants build_model has no option for (mmseg's 32-32-64
-    deep stem, floor-mode pooling)."""
-    import models
-    options = dict(arch)
-    extra = {k: options.pop(k) for k in EXTRA_OPTIONS if options.get(k) is not None}
-    for k in EXTRA_OPTIONS:
-        options.pop(k, None)
-    if not str(options.get("backbone", "")).startswith("resnet"):
-        extra.pop("stem_pool_ceil", None)
-        options.pop("contract_dilation", None)
-    model = models.build_model(**options)
-    if extra:
-        _adapt_stem(model.backbone, extra.get("stem_widths"), extra.get("stem_pool_ceil"))
-    model.arch_options = dict(arch)
-    return model
-
-
-def _adapt_stem(backbone, widths=None, ceil_mode=None):
-    from jittor import nn
-    if ceil_mode is not None:
-        backbone.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=bool(ceil_mode))
-    if widths is None:
-        return
-    if getattr(backbone, "stem", None) != "deep":
-        raise CheckpointError(f"stem_widths {widths} needs the deep stem")
-    w1, w2, w3 = widths
-    for i, (cin, cout, stride) in enumerate(((3, w1, 2), (w1, w2, 1), (w2, w3, 1)), start=1):
-        setattr(backbone, f"conv{i}", nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False))
-        setattr(backbone, f"bn{i}", nn.BatchNorm2d(cout))
-    first = backbone.layer1[0]
-    old = first.conv1
-    first.conv1 = nn.Conv2d(w3, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
-                            dilation=old.dilation, bias=False)
-    out_channels = backbone.out_channels[0]
-    if w3 == out_channels:
-        first.downsample = None            # identity shortcut, as mmseg builds it
-    else:
-        first.downsample = nn.Sequential(nn.Conv2d(w3, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
-
-
-def _model_facts(model):
-    """Architecture options the weights cannot show, read off a built CCNet (None: unknown)."""
-    facts = {}
-    try:
-        facts["head_act"] = model.head.conva[1].activation
-    except (AttributeError, IndexError, TypeError):
-        pass
-    backbone = getattr(model, "backbone", None)
-    pool = getattr(backbone, "maxpool", None)
-    pool = getattr(pool, "_layer", pool)        # jittor's MaxPool2d wraps a Pool
-    if pool is not None and hasattr(pool, "ceil_mode"):
-        facts["stem_pool_ceil"] = bool(pool.ceil_mode)
-    try:
-        first, second = backbone.layer4[0], backbone.layer4[1]
-        conv = "conv2" if hasattr(first, "conv3") else "conv1"
-        d0, d1 = getattr(first, conv).dilation, getattr(second, conv).dilation
-        d0, d1 = (d0[0] if isinstance(d0, (tuple, list)) else d0), (d1[0] if isinstance(d1, (tuple, list)) else d1)
-        if d1 > 1:
-            facts["contract_dilation"] = d0 < d1
-    except (AttributeError, IndexError, TypeError):
-        pass
-    return facts
-
-
 def _check_variant(model, prepared):
-    facts = _model_facts(model)
-    wrong = [f"{k}={v!r} (model has {facts[k]!r})" for k, v in prepared.layout.implies.items()
-             if k in facts and facts[k] != v]
+    """Refuse a model whose options differ from what the layout implies (head activation,
+    contract dilation, pooling): such weights load without complaint but compute something else."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    effective = config.effective_options()
+    wrong = [f"{k}={v!r} (model has {effective[k]!r})" for k, v in prepared.layout.implies.items()
+             if effective.get(k) is not None and effective[k] != v]
     if wrong:
         raise CheckpointError(
             f"{prepared.path} ({prepared.layout.description}) was trained with {', '.join(wrong)}: the "
@@ -741,23 +657,19 @@ def _report(log, prepared, loaded, what):
         log(f"  {title}: {shown}")
 
 
-def load_checkpoint(model, source, strict=True, log=print, adapt_stem=None):
+def load_checkpoint(model, source, strict=True, log=print):
     """Load a full CCNet checkpoint (ours, official CCNet, mmseg CCNet) into ``model``.
 
     strict: missing / unexpected / mis-shaped keys raise a CheckpointError listing them (strict=False
     loads the matching keys and reports the rest). Returns a dict report (layout, loaded, dropped,
     filled, missing, unexpected, shape_mismatches, raw: the file's full content for resuming).
-
-    adapt_stem (default: for foreign layouts only, never for our own files, which train.py resumes
-    with an optimizer already holding the parameters): rebuild the deep stem to the checkpoint's
-    widths / pooling, which build_model has no option for (mmseg's 32-32-64 stem, floor-mode pool).
+    The model must be the variant the file was trained with (``build_model_from_checkpoint``
+    builds it): options the layout implies are checked against ``model.config``.
     """
     prepared = source if isinstance(source, Prepared) else Prepared(source)
     if prepared.layout.kind != "segmentor":
         raise CheckpointError(f"{prepared.path} holds {prepared.layout.description} weights, a backbone only: "
                               "use it with train.py --pretrained (load_backbone_weights), not as a full model")
-    if adapt_stem if adapt_stem is not None else prepared.layout.name != "ccnet_jittor":
-        _adapt_stem_to(model, getattr(model, "backbone", None), prepared, log)
     _check_variant(model, prepared)
     target = model.state_dict()
     missing, unexpected, shapes = find_mismatches(target, prepared.state)
@@ -773,20 +685,14 @@ def load_checkpoint(model, source, strict=True, log=print, adapt_stem=None):
                 missing=missing, unexpected=unexpected, shape_mismatches=shapes, raw=prepared.raw)
 
 
-def load_backbone_weights(model, source, log=print, adapt_stem=True):
+def load_backbone_weights(model, source, log=print):
     """``train.py --pretrained``: ImageNet (or a segmentor's) backbone weights into ``model.backbone``
     (or into ``model`` itself when it is a bare backbone). Every backbone parameter must be provided
-    with the right shape; classifier / head weights are dropped and reported.
-
-    adapt_stem: when the weights have a deep stem of other widths than the model's (OpenMMLab
-    V1c: 32-32-64), rebuild the model's stem to fit (and its pooling mode, when the zoo entry says)
-    before loading, and record it in ``model.arch_options``. Call this before creating the
-    optimizer: the stem gets new parameters.
+    with the right shape; classifier / head weights are dropped and reported. A backbone of another
+    variant (e.g. OpenMMLab V1c's narrower stem) is an error naming the options the weights need.
     """
     prepared = source if isinstance(source, Prepared) else Prepared(source)
     backbone = getattr(model, "backbone", model)
-    if adapt_stem:
-        _adapt_stem_to(model, backbone, prepared, log)
     state = {k[len("backbone."):]: v for k, v in prepared.state.items() if k.startswith("backbone.")}
     for key in prepared.state:
         if not key.startswith("backbone."):
@@ -806,41 +712,20 @@ def load_backbone_weights(model, source, log=print, adapt_stem=True):
     return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, arch=prepared.arch)
 
 
-def _adapt_stem_to(model, backbone, prepared, log):
-    widths = prepared.arch.get("stem_widths")
-    ceil = prepared.arch.get("stem_pool_ceil")
-    if getattr(backbone, "stem", None) != "deep" or "backbone.conv2.weight" not in prepared.state:
-        return          # only deep stems are adapted: a standard-vs-deep mismatch stays an error
-    current = tuple(int(getattr(backbone, f"conv{i}").weight.shape[0]) for i in (1, 2, 3))
-    changes = {}
-    if widths is not None and tuple(widths) != current:
-        changes["stem_widths"] = tuple(widths)
-    if ceil is not None and _model_facts(model).get("stem_pool_ceil") not in (None, ceil):
-        changes["stem_pool_ceil"] = ceil
-    if not changes:
-        return
-    _adapt_stem(backbone, changes.get("stem_widths"), changes.get("stem_pool_ceil"))
-    options = dict(getattr(model, "arch_options", {}) or {})
-    options.update(changes)
-    model.arch_options = options
-    if log is not None:
-        log(f"  adapted the model's deep stem to the checkpoint: {changes}")
-
-
 def build_model_from_checkpoint(source, log=print, **overrides):
     """Build the CCNet variant a full-model checkpoint was trained with and load it (strict).
 
     The options come from the weights' shapes, the layout (e.g. mmseg: ReLU head, contract
     dilation), the zoo entry, the ``arch`` saved in our own files, then ``overrides`` (e.g.
     ``recurrence``, which weights cannot show: R applies one shared module). Returns the model
-    (with ``model.arch_options``) in eval mode.
+    (its ``config`` says how it was built) in eval mode.
     """
     prepared = Prepared(source)
     if prepared.layout.kind != "segmentor":
         raise CheckpointError(f"{prepared.path} holds {prepared.layout.description} weights, a backbone only; "
                               "a full model needs a segmentation checkpoint")
-    arch = {**prepared.arch, **overrides}
-    model = build_from_arch(arch)
+    import models
+    model = models.build_model(**{**prepared.arch, **overrides})
     load_checkpoint(model, prepared, log=log)
     model.eval()
     return model

@@ -111,7 +111,7 @@ def load_model_for_inference(checkpoint, num_classes=None, backbone=None, recurr
         raise ModelLoadError(f"{checkpoint} does not say its backbone / number of classes: "
                              "pass --backbone and --num-classes")
     try:
-        model = ckpt.build_from_arch(arch)
+        model = models.build_model(**arch)
     except (ValueError, KeyError, TypeError) as err:
         raise ModelLoadError(f"cannot build the model {arch}: {one_paragraph(err)}") from None
     try:
