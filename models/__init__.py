@@ -139,5 +139,7 @@ def build_model(backbone, num_classes, recurrence=2, **opts):
 
 
 # Importing the backbone modules registers them.
-from . import resnet  # noqa: E402,F401
-from . import van  # noqa: E402,F401
+from . import ccnet, resnet, van  # noqa: E402
+
+# name -> WeightLayout of every published checkpoint layout the model files can read
+WEIGHT_LAYOUTS = {layout.name: layout for module in (ccnet, resnet, van) for layout in module.WEIGHT_LAYOUTS}

@@ -17,7 +17,11 @@ import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 
+import numpy as np
+
 from .cc_attention import CrissCrossAttention
+from .resnet import from_v1c
+from .weights import WeightLayout, rename, unchanged
 
 # Head activations: the official code (InPlaceABN default) vs mmsegmentation's CCHead.
 ACTIVATIONS = {
@@ -114,6 +118,7 @@ class CCNet(nn.Module):
     """
     head_class = RCCAHead
     temporal = False            # True: input clips [B, T, 3, H, W] (models/ccnet3d.py)
+    config = None               # the ModelConfig it was built from, set by models.build_model
 
     def __init__(self, backbone, num_classes, recurrence=2, head_channels=512, aux_channels=512,
                  head_act="leaky_relu", dropout=0.1, ccl_dim=0, cca_gamma_init=0.0):
@@ -151,3 +156,62 @@ class CCNet(nn.Module):
         if self.ccl_proj is not None:
             outputs.append(self.ccl_proj(context))
         return outputs
+
+
+# ------------------------------------------------------------------ published CCNet checkpoints
+# The official code keeps the backbone at the top level and, in some releases, the old head
+# names conv1a / conv1b / pc.
+OFFICIAL_HEAD_NAMES = (("head.conv1a", "head.conva"), ("head.conv1b", "head.convb"), ("head.pc", "head.cca"))
+
+
+def from_official(state):
+    """Official CCNet keys -> ours."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("head.", "dsn.")):
+            out[rename(key, OFFICIAL_HEAD_NAMES) or key] = value
+        else:
+            out["backbone." + key] = value
+    return out, {}
+
+
+# mmsegmentation: ResNetV1c backbone, CCHead (convs / conv_cat / conv_seg) and an FCNHead.
+MMSEG_HEAD_NAMES = (
+    ("decode_head.convs.0.conv", "head.conva.0"), ("decode_head.convs.0.bn", "head.conva.1"),
+    ("decode_head.convs.1.conv", "head.convb.0"), ("decode_head.convs.1.bn", "head.convb.1"),
+    ("decode_head.conv_cat.conv", "head.bottleneck.0"), ("decode_head.conv_cat.bn", "head.bottleneck.1"),
+    ("decode_head.conv_seg", "head.bottleneck.3"), ("decode_head.cca.gamma.scale", "head.cca.gamma"),
+    ("decode_head.cca", "head.cca"),
+    ("auxiliary_head.convs.0.conv", "dsn.0"), ("auxiliary_head.convs.0.bn", "dsn.1"),
+    ("auxiliary_head.conv_seg", "dsn.3"),
+)
+
+
+def from_mmseg(state):
+    """mmsegmentation CCNet keys -> ours."""
+    backbone, _ = from_v1c({k: v for k, v in state.items() if k.startswith("backbone.")})
+    out, filled = {"backbone." + k: v for k, v in backbone.items()}, {}
+    for key, value in state.items():
+        if not key.startswith("backbone."):
+            new = rename(key, MMSEG_HEAD_NAMES) or key
+            out[new] = value.reshape(1) if new == "head.cca.gamma" else value   # mmcv's Scale is 0-dim
+    if "dsn.0.weight" in out and "dsn.0.bias" not in out:
+        # mmseg's auxiliary conv is followed by BN and has no bias; the official dsn conv has one.
+        # A zero bias is the same function.
+        out["dsn.0.bias"] = np.zeros(out["dsn.0.weight"].shape[0], np.float32)
+        filled["dsn.0.bias"] = "zeros (mmseg's auxiliary conv has no bias)"
+    return out, filled
+
+
+WEIGHT_LAYOUTS = (
+    WeightLayout("ccnet_jittor", "segmentor", "ccnet-jittor (this project)",
+                 lambda keys: any(k.startswith("backbone.") for k in keys)
+                 and any(k.startswith(("head.", "dsn.")) for k in keys), unchanged),
+    WeightLayout("ccnet_mmseg", "segmentor", "mmsegmentation CCNet (ResNetV1c + CCHead + FCNHead)",
+                 lambda keys: any(k.startswith("decode_head.") for k in keys), from_mmseg,
+                 implies=dict(head_act="relu", contract_dilation=True, stem_pool_ceil=False)),
+    WeightLayout("ccnet_official", "segmentor", "official CCNet (speedinghzl/CCNet)",
+                 lambda keys: "layer1.0.conv1.weight" in keys
+                 and any(k.startswith(("head.conva.", "head.conv1a.")) for k in keys),
+                 from_official, implies=dict(head_act="leaky_relu", contract_dilation=False, stem_pool_ceil=True)),
+)

@@ -27,6 +27,7 @@ import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor import nn
 
 from . import register_backbone
+from .weights import WeightLayout, has_all, rename, unchanged
 
 # output_stride -> (stride, dilation) of layer1..layer4
 STRIDE_PLANS = {
@@ -205,3 +206,32 @@ def _make_factory(name):
 
 for _name in DEPTHS:
     globals()[_name] = register_backbone(_name)(_make_factory(_name))
+
+
+# ------------------------------------------------------------------ published ImageNet weights
+# torchvision's and MIT CSAIL's names are ours; OpenMMLab's ResNetV1c calls its deep stem
+# ``stem.{0,1,3,4,6,7}`` (conv, BN, ReLU three times) and may keep everything under ``backbone.``.
+V1C_STEM_NAMES = (("stem.0", "conv1"), ("stem.1", "bn1"), ("stem.3", "conv2"), ("stem.4", "bn2"),
+                  ("stem.6", "conv3"), ("stem.7", "bn3"))
+
+
+def from_v1c(state):
+    """OpenMMLab ResNetV1c keys -> ours."""
+    out = {}
+    for key, value in state.items():
+        key = key[len("backbone."):] if key.startswith("backbone.") else key
+        out[rename(key, V1C_STEM_NAMES) or key] = value
+    return out, {}
+
+
+WEIGHT_LAYOUTS = (
+    WeightLayout("resnet_mmseg_v1c", "backbone", "OpenMMLab ResNetV1c ImageNet (open-mmlab://resnetXX_v1c)",
+                 lambda keys: "stem.0.weight" in keys or "backbone.stem.0.weight" in keys, from_v1c,
+                 classifier="fc."),
+    WeightLayout("resnet_mit_csail", "backbone", "MIT CSAIL ImageNet ResNet (deep stem, resnet101-imagenet.pth)",
+                 lambda keys: has_all(keys, "conv1.weight", "conv2.weight", "conv3.weight", "layer1.0.conv1.weight"),
+                 unchanged, classifier="fc."),
+    WeightLayout("resnet_torchvision", "backbone", "torchvision / jittor.models ImageNet ResNet (7x7 stem)",
+                 lambda keys: has_all(keys, "conv1.weight", "layer1.0.conv1.weight") and "conv2.weight" not in keys,
+                 unchanged, classifier="fc."),
+)

@@ -37,6 +37,7 @@ import jittor as jt
 from jittor import nn
 
 from . import register_backbone
+from .weights import WeightLayout, unchanged
 
 # DESIGN.md section 4; all sizes share the MLP ratios [8, 8, 4, 4].
 VAN_SIZES = {
@@ -462,3 +463,10 @@ def van_b3(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, ml
     """VAN-b3 (44.8M params with the ImageNet head)."""
     return _build("van_b3", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
                   num_classes, pretrained)
+
+
+# The official names are ours (the module docstring lists them).
+WEIGHT_LAYOUTS = (
+    WeightLayout("van_official", "backbone", "official VAN ImageNet (Visual-Attention-Network)",
+                 lambda keys: "patch_embed1.proj.weight" in keys, unchanged, classifier="head."),
+)

@@ -283,7 +283,7 @@ def test_missing_file_and_unknown_name():
 def test_zoo_entries_are_consistent():
     for name in model_zoo.MODEL_ZOO:
         entry = model_zoo.zoo_entry(name)
-        assert entry["layout"] in ck.LAYOUTS and ck.LAYOUTS[entry["layout"]].kind == entry["kind"], name
+        assert entry["layout"] in models.WEIGHT_LAYOUTS and models.WEIGHT_LAYOUTS[entry["layout"]].kind == entry["kind"], name
         models.resolve_backbone_name(entry["arch"]["backbone"])
         stamp = re.search(r"-([0-9a-f]{8})\.pth$", entry["url"])
         assert entry["sha256_prefix"] == (stamp.group(1) if stamp else None), name

@@ -371,142 +371,24 @@ def extract_state_dict(obj, where="checkpoint"):
     return state
 
 
-def _prefixed(state, prefix):
-    return {prefix + k: v for k, v in state.items()}
-
-
-def _rename(key, table):
-    """Apply the first matching (old_prefix, new_prefix) of ``table``; None when none matches."""
-    for old, new in table:
-        if key == old or key.startswith(old + "."):
-            return new + key[len(old):]
-    return None
-
-
 def _split_bn_counters(state):
     kept = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     dropped = {k: "BatchNorm step counter (Jittor keeps none)" for k in state if k not in kept}
     return kept, dropped
 
 
-def _convert_ours(state):
-    return state, {}, {}
-
-
-OFFICIAL_HEAD_ALIASES = (("head.conv1a", "head.conva"), ("head.conv1b", "head.convb"), ("head.pc", "head.cca"))
-
-
-def _convert_official(state):
-    out = {}
-    for key, value in state.items():
-        if key.startswith(("head.", "dsn.")):
-            out[_rename(key, OFFICIAL_HEAD_ALIASES) or key] = value
-        else:
-            out["backbone." + key] = value
-    return out, {}, {}
-
-
-MMSEG_STEM = (("stem.0", "conv1"), ("stem.1", "bn1"), ("stem.3", "conv2"), ("stem.4", "bn2"),
-              ("stem.6", "conv3"), ("stem.7", "bn3"))
-MMSEG_HEAD = (
-    ("decode_head.convs.0.conv", "head.conva.0"), ("decode_head.convs.0.bn", "head.conva.1"),
-    ("decode_head.convs.1.conv", "head.convb.0"), ("decode_head.convs.1.bn", "head.convb.1"),
-    ("decode_head.conv_cat.conv", "head.bottleneck.0"), ("decode_head.conv_cat.bn", "head.bottleneck.1"),
-    ("decode_head.conv_seg", "head.bottleneck.3"), ("decode_head.cca.gamma.scale", "head.cca.gamma"),
-    ("decode_head.cca", "head.cca"),
-    ("auxiliary_head.convs.0.conv", "dsn.0"), ("auxiliary_head.convs.0.bn", "dsn.1"),
-    ("auxiliary_head.conv_seg", "dsn.3"),
-)
-
-
-def _convert_mmseg_backbone_key(key):
-    return _rename(key, MMSEG_STEM) or key
-
-
-def _convert_mmseg(state):
-    out, filled = {}, {}
-    for key, value in state.items():
-        if key.startswith("backbone."):
-            out["backbone." + _convert_mmseg_backbone_key(key[len("backbone."):])] = value
-        else:
-            new = _rename(key, MMSEG_HEAD) or key
-            out[new] = value.reshape(1) if new == "head.cca.gamma" else value   # mmcv Scale: 0-dim
-    if "dsn.0.weight" in out and "dsn.0.bias" not in out:
-        # mmseg's auxiliary conv is followed by BN and has no bias; the official dsn conv has one.
-        # A zero bias is the same function.
-        out["dsn.0.bias"] = np.zeros(out["dsn.0.weight"].shape[0], np.float32)
-        filled["dsn.0.bias"] = "zeros (mmseg's auxiliary conv has no bias)"
-    return out, {}, filled
-
-
-def _drop_classifier(state, prefix):
-    kept = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    return kept, {k: "ImageNet classifier" for k in state if k not in kept}
-
-
-def _convert_resnet_imagenet(state):
-    kept, dropped = _drop_classifier(state, "fc.")
-    return _prefixed(kept, "backbone."), dropped, {}
-
-
-def _convert_v1c(state):
-    state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
-    kept, dropped = _drop_classifier(state, "fc.")
-    return {"backbone." + _convert_mmseg_backbone_key(k): v for k, v in kept.items()}, dropped, {}
-
-
-def _convert_van(state):
-    kept, dropped = _drop_classifier(state, "head.")
-    return _prefixed(kept, "backbone."), dropped, {}
-
-
-class Layout:
-    """One checkpoint layout: how to recognise it, how its keys map to ours, what it implies."""
-
-    def __init__(self, name, kind, description, matches, convert, implies=None):
-        self.name, self.kind, self.description = name, kind, description
-        self.matches, self.convert, self.implies = matches, convert, dict(implies or {})
-
-    def __repr__(self):
-        return f"Layout({self.name!r})"
-
-
-def _has(keys, *names):
-    return all(n in keys for n in names)
-
-
-LAYOUTS = {layout.name: layout for layout in (
-    Layout("ccnet_jittor", "segmentor", "ccnet-jittor (this project)",
-           lambda k: any(x.startswith("backbone.") for x in k) and any(x.startswith(("head.", "dsn.")) for x in k)
-           and not any(x.startswith("decode_head.") for x in k),
-           _convert_ours),
-    Layout("ccnet_mmseg", "segmentor", "mmsegmentation CCNet (ResNetV1c + CCHead + FCNHead)",
-           lambda k: any(x.startswith("decode_head.") for x in k), _convert_mmseg,
-           implies=dict(head_act="relu", contract_dilation=True, stem_pool_ceil=False)),
-    Layout("ccnet_official", "segmentor", "official CCNet (speedinghzl/CCNet)",
-           lambda k: "layer1.0.conv1.weight" in k and any(x.startswith(("head.conva.", "head.conv1a.")) for x in k),
-           _convert_official, implies=dict(head_act="leaky_relu", contract_dilation=False, stem_pool_ceil=True)),
-    Layout("van_official", "backbone", "official VAN ImageNet (Visual-Attention-Network)",
-           lambda k: "patch_embed1.proj.weight" in k, _convert_van),
-    Layout("resnet_mmseg_v1c", "backbone", "OpenMMLab ResNetV1c ImageNet (open-mmlab://resnetXX_v1c)",
-           lambda k: "stem.0.weight" in k or "backbone.stem.0.weight" in k, _convert_v1c),
-    Layout("resnet_mit_csail", "backbone", "MIT CSAIL ImageNet ResNet (deep stem, resnet101-imagenet.pth)",
-           lambda k: _has(k, "conv1.weight", "conv2.weight", "conv3.weight", "layer1.0.conv1.weight"),
-           _convert_resnet_imagenet),
-    Layout("resnet_torchvision", "backbone", "torchvision / jittor.models ImageNet ResNet (7x7 stem)",
-           lambda k: _has(k, "conv1.weight", "layer1.0.conv1.weight") and "conv2.weight" not in k,
-           _convert_resnet_imagenet),
-)}
-
-
 def detect_layout(state, where="checkpoint"):
+    """The layout (models.WEIGHT_LAYOUTS) whose signature the keys show; whole-model layouts are
+    tried first, since a whole model holds a backbone too."""
+    import models
     keys = set(state)
-    for layout in LAYOUTS.values():
-        if layout.matches(keys):
-            return layout
+    for kind in ("segmentor", "backbone"):
+        for layout in models.WEIGHT_LAYOUTS.values():
+            if layout.kind == kind and layout.matches(keys):
+                return layout
     sample = ", ".join(sorted(keys)[:8])
     raise CheckpointError(f"{where}: unrecognised checkpoint layout (first keys: {sample}). Known layouts: "
-                          + "; ".join(f"{l.name} = {l.description}" for l in LAYOUTS.values()))
+                          + "; ".join(f"{l.name} = {l.description}" for l in models.WEIGHT_LAYOUTS.values()))
 
 
 class Prepared:
@@ -518,9 +400,14 @@ class Prepared:
         self.raw = read_checkpoint(self.path) if raw is None else raw
         state = extract_state_dict(self.raw, str(self.path))
         self.layout = detect_layout(state, str(self.path))
-        state, counters = _split_bn_counters(state)
-        self.state, dropped, self.filled = self.layout.convert(state)
-        self.dropped = {**dropped, **counters}
+        state, self.dropped = _split_bn_counters(state)
+        state, self.filled = self.layout.convert(state)
+        # backbone files: our backbone keys under "backbone.", their ImageNet classifier apart
+        self.classifier = {}
+        if self.layout.kind == "backbone":
+            self.classifier = {k: v for k, v in state.items() if k.startswith(self.layout.classifier)}
+            state = {"backbone." + k: v for k, v in state.items() if k not in self.classifier}
+        self.state = state
         zoo_arch = {}
         if isinstance(source, str) and not os.path.isfile(source):
             from .model_zoo import ALIASES, MODEL_ZOO
@@ -639,15 +526,15 @@ def assign_state(target, state):
     return len(assigned)
 
 
-def _report(log, prepared, loaded, what):
+def _report(log, prepared, loaded, what, dropped):
     if log is None:
         return
     log(f"loaded {loaded} tensors into the {what} from {prepared.path.name} ({prepared.layout.description})")
     notes = {}
-    counters = [k for k in prepared.dropped if k.endswith("num_batches_tracked")]
+    counters = [k for k in dropped if k.endswith("num_batches_tracked")]
     if counters:
         log(f"  ignored {len(counters)} BatchNorm num_batches_tracked counters (Jittor keeps none)")
-    for key, reason in prepared.dropped.items():
+    for key, reason in dropped.items():
         if key not in counters:
             notes.setdefault(f"dropped ({reason})", []).append(key)
     for key, reason in prepared.filled.items():
@@ -678,7 +565,7 @@ def load_checkpoint(model, source, strict=True, log=print):
                               + describe_problems(missing, unexpected, shapes))
     bad = set(unexpected) | {s.split(":")[0] for s in shapes}
     loaded = assign_state(target, {k: v for k, v in prepared.state.items() if k not in bad})
-    _report(log, prepared, loaded, "model")
+    _report(log, prepared, loaded, "model", prepared.dropped)
     if not strict and (missing or unexpected or shapes) and log is not None:
         log("  not loaded:\n  " + describe_problems(missing, unexpected, shapes))
     return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, filled=prepared.filled,
@@ -693,23 +580,27 @@ def load_backbone_weights(model, source, log=print):
     """
     prepared = source if isinstance(source, Prepared) else Prepared(source)
     backbone = getattr(model, "backbone", model)
-    state = {k[len("backbone."):]: v for k, v in prepared.state.items() if k.startswith("backbone.")}
-    for key in prepared.state:
-        if not key.startswith("backbone."):
-            prepared.dropped[key] = "not part of the backbone"
     target = backbone.state_dict()
+    state = {k[len("backbone."):]: v for k, v in prepared.state.items() if k.startswith("backbone.")}
+    dropped = dict(prepared.dropped)
+    dropped.update({k: "not part of the backbone" for k in prepared.state if not k.startswith("backbone.")})
+    for key, value in prepared.classifier.items():      # kept when the model is a classifier itself
+        if key in target:
+            state[key] = value
+        else:
+            dropped[key] = "ImageNet classifier"
     missing, unexpected, shapes = find_mismatches(target, state)
     if missing or unexpected or shapes:
         hint = ""
         if prepared.arch.get("backbone"):
-            opts = {k: v for k, v in prepared.arch.items() if k in ("backbone", "stem", "stem_widths", "base_channels",
-                                                                    "embed_dims", "depths")}
+            opts = {k: v for k, v in prepared.arch.items() if k in ("backbone", "stem", "stem_widths", "stem_pool_ceil",
+                                                                    "base_channels", "embed_dims", "depths")}
             hint = f"\n  the weights are for: {opts}"
         raise CheckpointError(f"{prepared.path} ({prepared.layout.description}) does not fit this backbone:\n  "
                               + describe_problems(missing, unexpected, shapes) + hint)
     loaded = assign_state(target, state)
-    _report(log, prepared, loaded, "backbone")
-    return dict(layout=prepared.layout.name, loaded=loaded, dropped=prepared.dropped, arch=prepared.arch)
+    _report(log, prepared, loaded, "backbone", dropped)
+    return dict(layout=prepared.layout.name, loaded=loaded, dropped=dropped, arch=prepared.arch)
 
 
 def build_model_from_checkpoint(source, log=print, **overrides):
@@ -738,9 +629,8 @@ def describe(source):
              f"{prepared.layout.kind}", f"  tensors: {len(prepared.state)} "
              f"({sum(v.size for v in prepared.state.values()) / 1e6:.2f} M values)",
              f"  build options: {prepared.arch}"]
-    dropped = [k for k in prepared.dropped if not k.endswith("num_batches_tracked")]
-    if dropped:
-        lines.append(f"  dropped: {', '.join(dropped[:8])}" + (" ..." if len(dropped) > 8 else ""))
+    if prepared.classifier:
+        lines.append(f"  ImageNet classifier: {', '.join(sorted(prepared.classifier))}")
     return "\n".join(lines)
 
 
