@@ -90,17 +90,19 @@ def main(argv=None):
     args = parse_args(argv)
     runtime.activate()
     from datasets.transforms import normalize
-    from utils.evaluation import ModelLoadError, load_model_for_inference
+    from utils.checkpoint import CheckpointError, build_model_from_checkpoint
     from utils.inference import inference
     from utils import visualize
 
     images = list_images(args.input)
     class_names, palette = dataset_info(args.dataset)
-    try:    # classes: --num-classes, else the checkpoint's own
-        model, info = load_model_for_inference(args.checkpoint, args.num_classes, args.backbone, args.recurrence)
-    except ModelLoadError as err:
+    try:    # the checkpoint's own architecture and classes, with what the flags say instead
+        model = build_model_from_checkpoint(
+            args.checkpoint, dict(backbone=args.backbone, num_classes=args.num_classes, recurrence=args.recurrence),
+            log=None)
+    except CheckpointError as err:
         fail(str(err))
-    num_classes = info["num_classes"]
+    num_classes, recurrence = model.config.num_classes, model.config.recurrence
     if len(class_names) != num_classes:
         print(f"note: the checkpoint has {num_classes} classes, --dataset {args.dataset} has "
               f"{len(class_names)}: using class numbers", file=sys.stderr)
@@ -108,9 +110,8 @@ def main(argv=None):
     if len(palette) < num_classes:      # deterministic extra colours for classes beyond the palette
         rng = np.random.default_rng(0)
         palette = palette + rng.integers(0, 256, (num_classes - len(palette), 3)).tolist()
-    if args.attention and (info["recurrence"] < 2 or getattr(model.head, "cca", None) is None):
-        fail(f"--attention draws loops 1 and 2: it needs a model with recurrence >= 2 "
-             f"(this one has {info['recurrence']})")
+    if args.attention and recurrence < 2:
+        fail(f"--attention draws loops 1 and 2: it needs a model with recurrence >= 2 (this one has {recurrence})")
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

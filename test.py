@@ -149,7 +149,9 @@ def main(argv=None):
     from utils import distributed as dist
     is_main = dist.is_main()
     import datasets
-    from utils.evaluation import ModelLoadError, evaluate, load_model_for_inference, one_paragraph
+    from utils.checkpoint import CheckpointError, build_model_from_checkpoint
+    from utils.cli import one_paragraph
+    from utils.evaluation import evaluate
 
     try:
         dataset = datasets.build_dataset(args.dataset, data_root=args.data_root, split=args.split, mode="test")
@@ -161,12 +163,13 @@ def main(argv=None):
     class_names = list(dataset.CLASSES)
     if len(class_names) != num_classes:
         class_names = [f"class {i}" for i in range(num_classes)]
-    try:
-        model, info = load_model_for_inference(args.checkpoint, num_classes, args.backbone, args.recurrence,
-                                               log=lambda line: print(line, file=sys.stderr) if is_main else None)
-    except ModelLoadError as err:
+    try:     # the checkpoint's own architecture, with what the flags say instead
+        model = build_model_from_checkpoint(
+            args.checkpoint, dict(backbone=args.backbone, num_classes=num_classes, recurrence=args.recurrence),
+            log=lambda line: print(line, file=sys.stderr) if is_main else None)
+    except CheckpointError as err:
         fail(str(err))
-    backbone, recurrence = info["backbone"], info["recurrence"]
+    backbone, recurrence = model.config.backbone, model.config.recurrence
 
     indices = range(min(args.max_images, len(dataset.samples))) if args.max_images else None
     writer = PredictionWriter(args.save_pred, dataset) if args.save_pred else None

@@ -452,25 +452,24 @@ class Trainer:
             opts.setdefault("ccl_dim", 16)
         pretrained = None
         if args.pretrained and not args.resume:       # resuming: the checkpoint has the weights
-            from utils.checkpoint import CheckpointError, Prepared
+            from utils.checkpoint import Checkpoint, CheckpointError
             source = args.pretrained
             looks_like_file = os.sep in source or source.endswith((".pth", ".pt", ".pkl", ".bin", ".tar"))
             if "://" not in source and looks_like_file and not os.path.isfile(source):
                 raise SystemExit(f"--pretrained {source}: no such file")
             try:
-                pretrained = Prepared(source)
+                pretrained = Checkpoint(source)
             except (CheckpointError, FileNotFoundError) as err:
                 raise SystemExit(f"--pretrained {source} cannot be loaded into the {args.backbone} "
                                  f"backbone: {err}") from None
             # a deep stem takes the widths and pooling the weights were trained with (OpenMMLab
             # V1c's stem is narrower and floors)
             planned = models.ModelConfig(args.backbone, self.num_classes, args.recurrence, opts)
-            if pretrained.arch.get("stem") == "deep" == planned.effective_options().get("stem"):
+            if pretrained.options.get("stem") == "deep" == planned.effective_options().get("stem"):
                 for key in ("stem_widths", "stem_pool_ceil"):
-                    if key in pretrained.arch:
-                        opts.setdefault(key, pretrained.arch[key])
+                    if key in pretrained.options:
+                        opts.setdefault(key, pretrained.options[key])
         self.model = models.build_model(args.backbone, self.num_classes, recurrence=args.recurrence, **opts)
-        self.arch = self.model.config.to_dict()
         # Jittor initialises weights lazily: without this sync the random init would run inside
         # the first training step, after that step's jt.set_seed, i.e. from another seed.
         jt.sync(list(self.model.state_dict().values()))
@@ -511,15 +510,15 @@ class Trainer:
         from utils.checkpoint import save_checkpoint
         path = os.path.join(self.args.work_dir, name)
         if self.main:
-            save_checkpoint(path, self.state(iteration), arch=self.arch)
+            save_checkpoint(path, self.state(iteration), config=self.model.config)
         return path
 
     def _resume(self, source):
-        from utils.checkpoint import CheckpointError, Prepared, load_checkpoint, read_checkpoint
+        from utils.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint
         path = resume_path(source)
         state = getattr(self.args, "_resume_state", None) or read_checkpoint(path)
         try:                                                              # checks keys, shapes
-            load_checkpoint(self.model, Prepared(path, raw=state), log=print if self.main else _quiet)
+            load_checkpoint(self.model, Checkpoint(path, raw=state), log=print if self.main else _quiet)
         except CheckpointError as err:
             raise SystemExit(f"--resume {path} does not fit the model built from the flags "
                              f"(--backbone {self.args.backbone} --recurrence {self.args.recurrence}, "

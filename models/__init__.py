@@ -1,40 +1,18 @@
-"""Model zoo entry point: ``build_model(backbone, num_classes, recurrence=2, **opts) -> CCNet``
-(``TemporalCCNet`` for clips with ``temporal=True``).
+"""Models: ``build_model(backbone, num_classes, recurrence=2, **opts) -> CCNet``
+(``TemporalCCNet`` for clips with ``temporal=True``) and the ``ModelConfig`` it records.
 
-Backbones register themselves in ``BACKBONES`` with the ``register_backbone`` decorator (see
-resnet.py / van.py). A backbone is a ``jittor.nn.Module`` whose ``execute(x)`` returns the four
-stage features (strides 4, 8/16/32 depending on dilation) and which exposes ``out_channels``
-(four ints) so heads never hard-code channel counts.
+Backbones register themselves in ``BACKBONES`` (registry.py) when resnet.py / van.py are
+imported; ``WEIGHT_LAYOUTS`` collects the published checkpoint layouts the model files read.
 """
 import inspect
 from dataclasses import dataclass, field
 
 import utils  # noqa: F401  (configures Jittor before it is imported)
 
-BACKBONES = {}          # name -> factory(**opts) returning a backbone module
-BACKBONE_ALIASES = {}   # alias -> registered name
-
-
-def register_backbone(name, aliases=()):
-    """Decorator: add a backbone factory to the registry under ``name`` (and its aliases)."""
-    def wrap(factory):
-        if name in BACKBONES or name in BACKBONE_ALIASES:
-            raise KeyError(f"backbone {name!r} is registered twice")
-        BACKBONES[name] = factory
-        for alias in aliases:
-            BACKBONE_ALIASES[alias] = name
-        return factory
-    return wrap
-
-
-def resolve_backbone_name(name):
-    """Canonical backbone name for ``name`` or an alias; a clear error listing the valid ones."""
-    name = BACKBONE_ALIASES.get(name, name)
-    if name not in BACKBONES:
-        valid = sorted(BACKBONES) + sorted(f"{a} (= {n})" for a, n in BACKBONE_ALIASES.items())
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(valid)}")
-    return name
-
+from . import ccnet, resnet, van
+from .ccnet import CCNet
+from .ccnet3d import TemporalCCNet
+from .registry import BACKBONE_ALIASES, BACKBONES, register_backbone, resolve_backbone_name  # noqa: F401
 
 # Options consumed by the segmentor itself; everything else goes to the backbone factory.
 # ``temporal`` picks the segmentor: True builds the clip model of ccnet3d.py (TemporalCCNet).
@@ -96,7 +74,6 @@ class ModelConfig:
 
 def option_defaults(backbone):
     """The default of every head and backbone option ``build_model`` accepts for ``backbone``."""
-    from .ccnet import CCNet
     defaults = {}
     for function in (BACKBONES[resolve_backbone_name(backbone)], CCNet.__init__):
         for param in inspect.signature(function).parameters.values():
@@ -115,10 +92,7 @@ def build_model(backbone, num_classes, recurrence=2, **opts):
     (models/ccnet3d.py): input clips [B, T, 3, H, W], space-time criss-cross attention,
     per-frame outputs [B*T, ...].
     """
-    from .ccnet import CCNet
-    from .ccnet3d import TemporalCCNet
     segmentors = {False: CCNet, True: TemporalCCNet}
-
     name = resolve_backbone_name(backbone)
     factory = BACKBONES[name]
     head_opts = {k: v for k, v in opts.items() if k in HEAD_OPTIONS}
@@ -137,9 +111,6 @@ def build_model(backbone, num_classes, recurrence=2, **opts):
     model.config = ModelConfig(name, num_classes, recurrence, opts)
     return model
 
-
-# Importing the backbone modules registers them.
-from . import ccnet, resnet, van  # noqa: E402
 
 # name -> WeightLayout of every published checkpoint layout the model files can read
 WEIGHT_LAYOUTS = {layout.name: layout for module in (ccnet, resnet, van) for layout in module.WEIGHT_LAYOUTS}

@@ -26,7 +26,7 @@ Choices the segmentation literature made and that we keep configurable:
 import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor import nn
 
-from . import register_backbone
+from .registry import register_backbone
 from .weights import WeightLayout, has_all, rename, unchanged
 
 # output_stride -> (stride, dilation) of layer1..layer4

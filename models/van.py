@@ -1,7 +1,7 @@
 """VAN (Visual Attention Network, Guo et al. 2022) backbones b0..b3 for CCNet.
 
 Parameter names and shapes follow the official PyTorch code (Visual-Attention-Network/
-VAN-Classification), so its ImageNet checkpoints load key for key (``load_imagenet_weights``):
+VAN-Classification), so its ImageNet checkpoints load key for key (``WEIGHT_LAYOUTS`` below):
 
     patch_embed{i}.proj / .norm           overlapping patch embedding: conv + BatchNorm
     block{i}.{j}.norm1 / .norm2            BatchNorm before the attention / MLP branch
@@ -30,13 +30,11 @@ Jittor's generic grouped convolution is single-threaded and was ~40x slower.
 """
 import math
 
-import numpy as np
-
 import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 
-from . import register_backbone
+from .registry import register_backbone
 from .weights import WeightLayout, unchanged
 
 # DESIGN.md section 4; all sizes share the MLP ratios [8, 8, 4, 4].
@@ -46,6 +44,7 @@ VAN_SIZES = {
     "van_b2": dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3)),
     "van_b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3)),
 }
+VAN_ALIASES = {"van_b2": ("van_base",)}
 MLP_RATIOS = (8, 8, 4, 4)
 LAYER_SCALE_INIT = 1e-2
 
@@ -376,93 +375,26 @@ class VANClassifier(VAN):
         return self.head(super().execute(x)[-1].mean(dims=(2, 3)))
 
 
-def official_state_dict(source):
-    """The weight dict of an official checkpoint. ``source``: a dict (the bare weights or
-    ``{"state_dict": weights}``) or anything ``utils.checkpoint.read_checkpoint`` reads (a path
-    such as ``van_base_828.pth.tar``, a URL, a model zoo name like ``van_b2``)."""
-    if isinstance(source, dict):
-        checkpoint = source
-    else:
-        from utils.checkpoint import read_checkpoint   # the project's torch-free .pth(.tar) reader
-        checkpoint = read_checkpoint(source)
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"VAN checkpoint {source}: expected a dict of weights, got {type(checkpoint).__name__}")
-    weights = checkpoint.get("state_dict", checkpoint)
-    # checkpoints saved from DataParallel prefix every key with "module."
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+def _make_factory(name):
+    size = VAN_SIZES[name]
+
+    # Explicit keywords, so that models.build_model can tell backbone options from typos.
+    def factory(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
+                in_channels=3, num_classes=0):
+        config = dict(embed_dims=embed_dims or size["embed_dims"], depths=depths or size["depths"],
+                      mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate, output_stride=output_stride,
+                      in_channels=in_channels)
+        return VANClassifier(num_classes=num_classes, **config) if num_classes else VAN(**config)
+
+    factory.__name__ = name
+    factory.__doc__ = (f"{name}: four stage features for segmentation, or with ``num_classes`` the ImageNet "
+                       "classifier. ``embed_dims`` / ``depths`` / ``mlp_ratios`` override the size (tiny "
+                       "models for tests). Official weights: utils.checkpoint.load_backbone_weights.")
+    return factory
 
 
-def load_imagenet_weights(model, source):
-    """Load an official VAN ImageNet checkpoint into ``model`` (a ``VAN`` or ``VANClassifier``).
-
-    Keys must match exactly, except ``num_batches_tracked`` (jittor's BatchNorm keeps no such
-    counter) and ``head.*`` when ``model`` has no head. Anything missing, unexpected or of the
-    wrong shape raises a ValueError naming the keys, because jittor's own ``load_state_dict``
-    would only log it. Returns the list of checkpoint keys that were ignored.
-    """
-    from utils.checkpoint import assign_state, describe_problems, find_mismatches
-    weights = official_state_dict(source)
-    own = model.state_dict()
-    has_head = isinstance(model, VANClassifier)
-    ignored = [k for k in weights
-               if k.endswith("num_batches_tracked") or (not has_head and k.startswith("head."))]
-    usable = {k: np.asarray(v.numpy() if isinstance(v, jt.Var) else v)
-              for k, v in weights.items() if k not in set(ignored)}
-    missing, unexpected, wrong_shape = find_mismatches(own, usable)
-    if missing or unexpected or wrong_shape:
-        where = "VAN checkpoint" if isinstance(source, dict) else f"VAN checkpoint {source}"
-        raise ValueError(f"{where} does not fit this VAN (embed_dims={model.out_channels}, "
-                         f"depths={model.depths}):\n  " + describe_problems(missing, unexpected, wrong_shape))
-    assign_state(own, usable)
-    return ignored
-
-
-def _build(name, output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """A VAN of size ``name`` for segmentation (``num_classes=0``: four stage features) or with the
-    ImageNet head (``num_classes=1000``). ``embed_dims`` / ``depths`` / ``mlp_ratios`` override the
-    size (tiny models for tests); ``pretrained``: an official checkpoint (path, URL, zoo name or
-    dict) loaded strictly by ``load_imagenet_weights``."""
-    config = dict(embed_dims=embed_dims or VAN_SIZES[name]["embed_dims"], depths=depths or VAN_SIZES[name]["depths"],
-                  mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate, output_stride=output_stride,
-                  in_channels=in_channels)
-    model = VANClassifier(num_classes=num_classes, **config) if num_classes else VAN(**config)
-    if pretrained:
-        load_imagenet_weights(model, pretrained)
-    return model
-
-
-# Explicit keyword signatures so that models.build_model can tell backbone options from typos.
-@register_backbone("van_b0")
-def van_b0(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b0 (4.1M params with the ImageNet head)."""
-    return _build("van_b0", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
-
-
-@register_backbone("van_b1")
-def van_b1(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b1 (13.9M params with the ImageNet head)."""
-    return _build("van_b1", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
-
-
-@register_backbone("van_b2", aliases=("van_base",))
-def van_b2(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b2 = VAN-base (26.6M params with the ImageNet head)."""
-    return _build("van_b2", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
-
-
-@register_backbone("van_b3")
-def van_b3(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b3 (44.8M params with the ImageNet head)."""
-    return _build("van_b3", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
+for _name in VAN_SIZES:
+    globals()[_name] = register_backbone(_name, aliases=VAN_ALIASES.get(_name, ()))(_make_factory(_name))
 
 
 # The official names are ours (the module docstring lists them).

@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory):
     model = models.build_model(**ARCH)
     model.head.cca.gamma.update(jt.array([0.5]).float32())
     model.head.cca.gamma.sync()
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", model, arch=ARCH)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", model)
 
 
 def test_demo_writes_segmentation_overlay_and_attention(checkpoint, tmp_path):

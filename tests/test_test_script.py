@@ -39,7 +39,7 @@ def ade_tree(tmp_path_factory):
     model.head.cca.gamma.update(jt.array([0.5]).float32())
     model.head.cca.gamma.sync()
     model.eval()
-    checkpoint = save_checkpoint(root / "tiny.pkl", model, arch=ARCH)
+    checkpoint = save_checkpoint(root / "tiny.pkl", model)
 
     rng = np.random.default_rng(0)
     (root / "images" / "validation").mkdir(parents=True)

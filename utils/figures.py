@@ -142,11 +142,11 @@ def main(argv=None):
         return
     from utils import runtime
     runtime.activate()
-    from utils.evaluation import ModelLoadError, load_model_for_inference
+    from utils.checkpoint import CheckpointError, build_model_from_checkpoint
     dataset = _demo_dataset()
     try:
-        model, _ = load_model_for_inference(args.checkpoint, dataset.num_classes)
-    except ModelLoadError as err:
+        model = build_model_from_checkpoint(args.checkpoint, dict(num_classes=dataset.num_classes), log=None)
+    except CheckpointError as err:
         sys.exit(f"figures: error: {err}")
     print(f"wrote {predictions_figure(out / 'demo_predictions.png', model, dataset)}")
     print(f"wrote {attention_figure(out / 'attention.png', model, dataset)}")
