@@ -121,21 +121,21 @@ class NoisyDataset:
 
 
 def test_batch_stream_is_a_function_of_seed_and_iteration():
-    import train
-    full = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4))
+    from datasets.stream import BatchStream
+    full = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4))
     sequential = [full.next_batch(t)[:2] for t in range(7)]             # crosses 2 epochs of 10
     # Every sample once per epoch: 7 batches of 4 = 28 positions = 2.8 epochs.
     picked = [i for t in range(5) for i, _ in full.indices(t)]
     assert sorted(picked[:10]) == list(range(10)) and sorted(picked[10:20]) == list(range(10))
     # Jumping straight to iteration 5 (a resume) gives the very same batch.
-    jumped = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4)).next_batch(5)
+    jumped = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4)).next_batch(5)
     np.testing.assert_array_equal(jumped[0], sequential[5][0])
     np.testing.assert_array_equal(jumped[1], sequential[5][1])
     # Two ranks' shards together are the single-process batch, augmentation included.
-    halves = [train.BatchStream(NoisyDataset(), 4, seed=3, shard=s).next_batch(2) for s in ((0, 2), (2, 4))]
+    halves = [BatchStream(NoisyDataset(), 4, seed=3, shard=s).next_batch(2) for s in ((0, 2), (2, 4))]
     np.testing.assert_array_equal(np.concatenate([h[0] for h in halves]), sequential[2][0])
     # Worker processes change nothing.
-    pooled = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=2)
+    pooled = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=2)
     try:
         for t in (0, 1, 2):
             images, labels, waited = pooled.next_batch(t)
@@ -145,7 +145,7 @@ def test_batch_stream_is_a_function_of_seed_and_iteration():
     finally:
         pooled.close()
     # Another seed, another order.
-    other = train.BatchStream(NoisyDataset(), 4, seed=4, shard=(0, 4))
+    other = BatchStream(NoisyDataset(), 4, seed=4, shard=(0, 4))
     assert [other.indices(t) for t in range(3)] != [full.indices(t) for t in range(3)]
 
 
@@ -154,8 +154,8 @@ def test_batch_stream_survives_a_killed_worker():
     """A worker killed from outside (pkill, a scheduler's SIGTERM to the whole job) gives a clear
     error, and closing the stream returns (multiprocessing.Pool.terminate() used to hang here)."""
     import threading
-    import train
-    stream = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=1)
+    from datasets.stream import BatchStream
+    stream = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=1)
     stream.next_batch(0)
     for pid in list(stream._pool._processes):
         os.kill(pid, signal.SIGTERM)
