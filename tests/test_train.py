@@ -280,6 +280,23 @@ def test_checkpoint_that_does_not_fit_fails_before_training(data, tmp_path):
         train.parse_args(["--resume", str(tmp_path / "missing")])
 
 
+def test_pretrained_v1c_backbone_gets_its_stem_and_the_run_resumes(data, tmp_path):
+    """OpenMMLab V1c weights have a narrower deep stem: the model is built with it (no flag
+    needed), the checkpoint records it, and resuming rebuilds the same model."""
+    from utils.checkpoint import read_checkpoint
+    work = tmp_path / "wd"
+    weights = os.path.join(ROOT, "tests", "fixtures", "resnet_mmseg_v1c.pth")
+    flags = tiny_flags(data, work, **{"--backbone": "resnet50", "--iters": 2, "--eval-interval": 0})
+    flags += ["--model-opt", "base_channels=2", "--model-opt", "head_channels=8", "--model-opt", "aux_channels=4"]
+    out = run_train(flags + ["--pretrained", weights, "--stop-at", "1"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loaded" in out.stdout and "OpenMMLab ResNetV1c" in out.stdout
+    assert read_checkpoint(str(work / "latest.pkl"))["arch"]["stem_widths"] == (1, 1, 2)
+    out = run_train(["--resume", str(work), "--no-progress"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_checkpoint(str(work / "latest.pkl"))["iteration"] == 2
+
+
 def test_amp_on_cpu_is_a_clear_error(data, tmp_path):
     import jittor as jt
     if jt.flags.use_cuda:
