@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from utils import runtime
+from utils.cli import add_renamed_flag
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, URL or model-zoo name")
@@ -36,16 +37,19 @@ def parse_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--recurrence", type=int, default=None, help="criss-cross loops (default: checkpoint's, else 2)")
     parser.add_argument("--mode", choices=("whole", "slide"), default="whole")
-    parser.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N")
-    parser.add_argument("--stride", type=int, nargs="+", default=None, metavar="N")
+    parser.add_argument("--window", type=int, nargs="+", default=None, metavar="N",
+                        help="sliding-window size (one int or H W); needed with --mode slide")
+    add_renamed_flag(parser, "--crop-size", "--window", type=int, nargs="+")
+    parser.add_argument("--stride", type=int, nargs="+", default=None, metavar="N",
+                        help="sliding-window stride (default: 2/3 of the window)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay")
     parser.add_argument("--attention", type=int, nargs=2, default=None, metavar=("X", "Y"),
                         help="also draw the attention of image pixel (X, Y) after one and two loops")
     args = parser.parse_args(argv)
-    if args.mode == "slide" and not args.crop_size:
-        parser.error("--mode slide needs --crop-size")
+    if args.mode == "slide" and not args.window:
+        parser.error("--mode slide needs --window")
     return args
 
 
@@ -119,7 +123,7 @@ def main(argv=None):
         rgb = read_rgb(path)
         image = normalize(rgb)
         try:
-            scores = inference(model, image, mode=args.mode, crop_size=args.crop_size, stride=args.stride,
+            scores = inference(model, image, mode=args.mode, crop_size=args.window, stride=args.stride,
                                scales=args.scales, flip=args.flip)
         except ValueError as err:
             fail(f"{path}: {err}")

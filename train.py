@@ -20,11 +20,13 @@ from utils import runtime
 runtime.activate()
 
 from training import PRESETS, RECIPE, RunConfig, Trainer, open_resume  # noqa: E402
+from utils.cli import add_renamed_flag  # noqa: E402
 
 
 def build_parser():
     """train.py's flags; every default is None (or False): ``RunConfig`` fills in the rest."""
     p = argparse.ArgumentParser(
+        prog="train.py",
         description="Train CCNet (criss-cross attention) for semantic segmentation.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Presets: --dataset demo uses " + _describe(PRESETS["demo"]) + "; --dataset cityscapes uses "
@@ -78,11 +80,13 @@ def build_parser():
                    help=f"validate every N iterations and at the end, 0 = only at the end "
                         f"(default: {RECIPE['eval_interval']})")
     g.add_argument("--eval-mode", choices=("whole", "slide"), default=None,
-                   help="validation inference: whole image or sliding window (default: whole)")
-    g.add_argument("--eval-crop", type=int, default=None, help="sliding-window tile size")
-    g.add_argument("--eval-stride", type=int, default=None, help="sliding-window stride")
-    g.add_argument("--val-images", type=int, default=None,
-                   help="validate on the first N images only (quick checks; default: all)")
+                   help="validation inference: whole image or sliding window (test.py's --mode; default: whole)")
+    g.add_argument("--eval-window", type=int, default=None, help="sliding-window size (test.py's --window)")
+    add_renamed_flag(g, "--eval-crop", "--eval-window", type=int)
+    g.add_argument("--eval-stride", type=int, default=None, help="sliding-window stride (test.py's --stride)")
+    g.add_argument("--eval-max-images", type=int, default=None,
+                   help="validate on the first N images only (test.py's --max-images; default: all)")
+    add_renamed_flag(g, "--val-images", "--eval-max-images", type=int)
     g.add_argument("--save-interval", type=int, default=None,
                    help=f"write the 'latest' checkpoint every N iterations (default: {RECIPE['save_interval']})")
     g.add_argument("--log-interval", type=int, default=None,
@@ -99,18 +103,6 @@ def build_parser():
 def _describe(preset):
     return ", ".join(f"{k.replace('_', '-')} {v}" for k, v in preset.items() if k != "model_opts") + \
         ("".join(f", model-opt {k}={v}" for k, v in (preset.get("model_opts") or {}).items()))
-
-
-def _explicit_flags(parser, argv):
-    """Destinations the user set on the command line (parse again with every default suppressed)."""
-    defaults = {action.dest: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action in parser._actions:
-            action.default = defaults[action.dest]
 
 
 def _model_opts(parser, items):
@@ -133,8 +125,10 @@ def configure(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = vars(args)
+    # every flag defaults to None (a switch to False): what is set was given on the command line
+    explicit = {name for name, value in flags.items() if value is not None and value is not False}
+    explicit = {"model_opts" if name == "model_opt" else name for name in explicit}
     flags["model_opts"] = _model_opts(parser, flags.pop("model_opt"))
-    explicit = {"model_opts" if name == "model_opt" else name for name in _explicit_flags(parser, argv)}
     try:
         resumed = open_resume(args.resume) if args.resume else None
         config = RunConfig.from_flags(flags, explicit, resumed)

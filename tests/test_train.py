@@ -37,7 +37,7 @@ def tiny_flags(data, work_dir, **overrides):
     flags = {"--dataset": "folder", "--data-root": str(data), "--backbone": "resnet18",
              "--crop-size": "32", "--batch-size": "2", "--iters": "6", "--lr": "0.02",
              "--num-workers": "0", "--eval-interval": "3", "--save-interval": "3", "--log-interval": "1",
-             "--val-images": "2", "--work-dir": str(work_dir)}
+             "--eval-max-images": "2", "--work-dir": str(work_dir)}
     flags.update({k: str(v) for k, v in overrides.items()})
     argv = [item for pair in flags.items() for item in pair]
     return argv + ["--model-opt", "base_channels=8", "--model-opt", "head_channels=16",
@@ -93,6 +93,44 @@ def test_defaults_are_the_ade20k_recipe_and_flags_beat_presets():
     assert (mixed.iters, mixed.backbone, mixed.crop_size) == (7, "resnet50", train.PRESETS["demo"]["crop_size"])
     assert mixed.model_opts["base_channels"] == 32 and mixed.model_opts["head_act"] == "relu"
     assert mixed.work_dir == os.path.join("work_dirs", "demo_resnet50_r2")
+
+
+def test_renamed_flags_still_work_and_say_so(capsys):
+    import train
+    config = train.parse_args(["--eval-crop", "64", "--val-images", "3"])
+    assert (config.eval_window, config.eval_max_images) == (64, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["train.py: --eval-crop is deprecated, use --eval-window (same meaning)",
+                   "train.py: --val-images is deprecated, use --eval-max-images (same meaning)"]
+    config = train.parse_args(["--eval-window", "64", "--eval-max-images", "3"])
+    assert (config.eval_window, config.eval_max_images) == (64, 3) and capsys.readouterr().err == ""
+    assert "--eval-crop" not in train.build_parser().format_help()
+
+
+def test_resume_settings_come_from_the_checkpoint_unless_given(tmp_path, capsys):
+    """A checkpoint of the earlier format (settings recorded as eval_crop / val_images): its
+    settings and its model apply, explicit flags win, --model-opt changes single options, and
+    the seed stays the checkpoint's."""
+    import models
+    import train
+    from utils.checkpoint import save_checkpoint
+    model = models.build_model("resnet18", 3, recurrence=1, base_channels=8, head_channels=16, aux_channels=16,
+                               dropout=0.2)
+    recorded = {"dataset": "folder", "data_root": "/data", "lr": 0.5, "iters": 9, "seed": 5, "backbone": "resnet18",
+                "eval_crop": 64, "val_images": 2, "stop_at": 3, "work_dir": "/elsewhere"}
+    path = save_checkpoint(tmp_path / "run" / "latest.pkl", {
+        "state_dict": model.state_dict(), "optimizer": {}, "iteration": 1, "seed": 5,
+        "meta": {"args": recorded}}, config=model.config)
+    config = train.parse_args(["--resume", str(tmp_path / "run")])
+    assert (config.dataset, config.data_root, config.lr, config.iters, config.seed) == ("folder", "/data", 0.5, 9, 5)
+    assert (config.eval_window, config.eval_max_images, config.stop_at) == (64, 2, None)
+    assert (config.backbone, config.recurrence, config.dropout) == ("resnet18", 1, 0.2)
+    assert config.model_opts["head_channels"] == 16 and config.work_dir == str(tmp_path / "run")
+    config = train.parse_args(["--resume", str(path), "--lr", "0.1", "--seed", "7", "--model-opt", "head_channels=32"])
+    assert (config.lr, config.seed, config.model_opts["head_channels"], config.model_opts["base_channels"]) == \
+        (0.1, 5, 32, 8)
+    assert "trained with --seed 5" in capsys.readouterr().err
+    assert config.model_config(3).options == dict(model.config.options, head_channels=32, stem="deep")
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -41,9 +41,9 @@ class RunConfig:
     work_dir: str = None
     eval_interval: int = 8000
     eval_mode: str = "whole"
-    eval_crop: int = None
+    eval_window: int = None
     eval_stride: int = None
-    val_images: int = None
+    eval_max_images: int = None
     save_interval: int = 8000
     log_interval: int = 10
     stop_at: int = None
@@ -100,8 +100,8 @@ class RunConfig:
         given = {k: v for k, v in flags.items() if k in explicit}
         saved = {}
         if resumed is not None:
-            saved = {k: v for k, v in dict((resumed.raw.get("meta") or {}).get("args") or {}).items()
-                     if k not in NOT_INHERITED}
+            recorded = dict((resumed.raw.get("meta") or {}).get("args") or {})
+            saved = {RENAMED.get(k, k): v for k, v in recorded.items() if k not in NOT_INHERITED}
             saved.update(_model_settings(resumed, given))
             saved["seed"] = int(resumed.raw.get("seed", saved.get("seed", cls.seed)))
             given.pop("seed", None)
@@ -116,6 +116,9 @@ class RunConfig:
             values["model_opts"] = {**preset.get("model_opts", {}), **flags.get("model_opts", {})}
         return cls(**values)
 
+
+# Settings recorded under their former names by earlier versions: old name -> field.
+RENAMED = {"eval_crop": "eval_window", "val_images": "eval_max_images"}
 
 # Settings of one invocation, not of the run: never taken from the checkpoint being resumed.
 NOT_INHERITED = ("resume", "stop_at", "no_progress", "pretrained", "work_dir")
@@ -139,7 +142,7 @@ RECIPE = {f.name: f.default for f in fields(RunConfig) if f.name != "model_opts"
 # Values that replace the recipe for a dataset (explicit flags still win).
 PRESETS = {
     "cityscapes": dict(crop_size=769, batch_size=8, iters=60000, weight_decay=1e-4, min_lr=0.0,
-                       eval_mode="slide", eval_crop=769, eval_stride=513, eval_interval=6000,
+                       eval_mode="slide", eval_window=769, eval_stride=513, eval_interval=6000,
                        save_interval=6000),
     # Small enough to train on a laptop CPU in minutes. The demo's context classes depend on
     # markers far along their row or column (datasets/demo.py). resnet10's receptive field does

@@ -210,8 +210,9 @@ class Trainer:
 
     def evaluate(self, iteration):
         config = self.config
-        indices = range(min(config.val_images, len(self.val_set.samples))) if config.val_images else None
-        result = evaluate(self.model, self.val_set, mode=config.eval_mode, crop_size=config.eval_crop,
+        limit = config.eval_max_images
+        indices = range(min(limit, len(self.val_set.samples))) if limit else None
+        result = evaluate(self.model, self.val_set, mode=config.eval_mode, crop_size=config.eval_window,
                           stride=config.eval_stride, progress=False, indices=indices)
         self.model.train()
         miou = float(result["mIoU"])

@@ -52,7 +52,7 @@ def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1
         raise ValueError(f"scales must be positive numbers, got {scales}")
     if mode == "slide":
         if crop_size is None:
-            raise ValueError("sliding-window inference needs crop_size (e.g. --crop-size 512)")
+            raise ValueError("sliding-window inference needs crop_size (e.g. test.py --window 512)")
         crop_size = _pair(crop_size, "crop_size")
         stride = _pair(stride, "stride") if stride is not None else tuple(
             int(math.ceil(c * 2 / 3)) for c in crop_size)
