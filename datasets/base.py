@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor.dataset import Dataset
 
 from . import transforms as T

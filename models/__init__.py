@@ -7,7 +7,7 @@ imported; ``WEIGHT_LAYOUTS`` collects the published checkpoint layouts the model
 import inspect
 from dataclasses import dataclass, field
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
+from utils import runtime  # noqa: F401  (sets Jittor's environment before any model file imports it)
 
 from . import ccnet, resnet, van
 from .ccnet import CCNet

@@ -13,11 +13,10 @@ its checkpoints map key for key (the official backbone keys sit at the top level
 The official code uses InPlaceABNSync, one module doing BatchNorm and LeakyReLU(0.01) together;
 ``BatchNormAct`` plays that part so indices 1 and 3 stay where the official keys expect them.
 """
-import utils  # noqa: F401  (configures Jittor before it is imported)
+import numpy as np
+
 import jittor as jt
 from jittor import nn
-
-import numpy as np
 
 from .cc_attention import CrissCrossAttention
 from .resnet import from_v1c

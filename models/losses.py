@@ -27,7 +27,6 @@ built with ``ccl_dim > 0``, the projected features as a third item.
 """
 import numpy as np
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 

@@ -23,7 +23,6 @@ Choices the segmentation literature made and that we keep configurable:
 * The stride of a bottleneck sits on its 3x3 conv (official code, torchvision >= 0.2 "v1.5").
 * ``base_channels`` (default 64) scales every width, so tests can build tiny networks.
 """
-import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor import nn
 
 from .registry import register_backbone

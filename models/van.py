@@ -30,7 +30,6 @@ Jittor's generic grouped convolution is single-threaded and was ~40x slower.
 """
 import math
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 

@@ -15,7 +15,6 @@ Every function also works without MPI (one process = rank 0 of 1).
 """
 import numpy as np
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 
 

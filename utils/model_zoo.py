@@ -144,7 +144,7 @@ def download_entry(entry, progress=True):
         except DownloadError as err:
             errors.append(f"  {url}: {err}")
     raise DownloadError(f"could not download {entry['name']!r}:\n" + "\n".join(errors) +
-                        f"\nDownload it by hand and pass the file's path instead.")
+                        "\nDownload it by hand and pass the file's path instead.")
 
 
 def zoo_table():
