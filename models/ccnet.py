@@ -1,6 +1,6 @@
 """CCNet segmentor: backbone -> RCCA head (main logits) + auxiliary FCN head on stage 3.
 
-Module and parameter names follow the official code (speedinghzl/CCNet, DESIGN.md section 3) so
+Module and parameter names follow the official code (speedinghzl/CCNet) so
 its checkpoints map key for key (the official backbone keys sit at the top level, ours under
 ``backbone.``):
 

@@ -1,6 +1,6 @@
 """Dilated ResNet-18/34/50/101/152 backbones for CCNet.
 
-Parameter names follow the official CCNet code (speedinghzl/CCNet, DESIGN.md section 3), which
+Parameter names follow the official CCNet code (speedinghzl/CCNet), which
 are also torchvision's names, so both kinds of checkpoint map key for key:
 
     conv1 bn1 [conv2 bn2 conv3 bn3]      stem (deep: three 3x3 convs; standard: one 7x7 conv)

@@ -20,13 +20,11 @@ dilation of the stage before, the blocks' 5x5 / 7x7-d3 / 3x3 depthwise convs by 
 ImageNet weights stay valid and every filter still covers the same image area it was trained
 on, only sampled densely (tests/test_van.py checks that the stride-8 features, subsampled,
 equal the stride-32 ones). No new parameters; the cost is compute and memory in the later
-stages. Measured for CCNet (R=2, 150 classes) on VAN-b2, one 512x512 image, training step on
-2 CPU cores, at output stride 32 / 16 / 8: backbone 52 / 68 / 219 GFLOP (2 x MACs), heads
-5 / 11 / 44 GFLOP, CPU time 12.0 / 12.7 / 23.5 s, peak RSS 3.5 / 3.7 / 6.9 GB. The default
-is 8, the resolution CCNet's head and its ResNet variant use.
+stages (README, "VAN backbones", has the measured cost). The default is 8, the resolution
+CCNet's head and its ResNet variant use.
 
 Depthwise convolutions run on CPU through the OpenMP kernels below (``DepthwiseConv2d``):
-Jittor's generic grouped convolution is single-threaded and was ~40x slower.
+Jittor's generic grouped convolution is single-threaded and much slower (README).
 """
 import math
 
@@ -36,7 +34,7 @@ from jittor import nn
 from .registry import register_backbone
 from .weights import WeightLayout, unchanged
 
-# DESIGN.md section 4; all sizes share the MLP ratios [8, 8, 4, 4].
+# The official configurations; all sizes share the MLP ratios.
 VAN_SIZES = {
     "van_b0": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
     "van_b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2)),
@@ -56,9 +54,8 @@ STRIDE_PLANS = {
 
 
 # ------------------------------------------------------------------ depthwise convolution on CPU
-# Jittor 1.3.11 runs grouped convolutions on CPU as a generic reindex/reduce kernel: one thread,
-# ~4 s forward+backward for one 7x7 depthwise conv at [1, 320, 64, 64], so VAN's three depthwise
-# convs per block dominated a training step. These jt.code kernels loop over (image, channel)
+# Jittor 1.3.11 runs grouped convolutions on CPU as a generic single-threaded reindex/reduce
+# kernel, so VAN's three depthwise convs per block dominated a training step. These jt.code kernels loop over (image, channel)
 # planes with OpenMP and keep the inner loop over a contiguous row, bounds resolved per row.
 # CUDA keeps Jittor's own depthwise kernel.
 

@@ -74,7 +74,7 @@ def test_attention_point_outside_the_image_is_explained(checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------- attention maths
 def _dense_one_loop(attention):
-    """[HW, HW] matrix M1[u, p] built straight from the DESIGN layout, position by position."""
+    """[HW, HW] matrix M1[u, p] built straight from ca_weight's layout, position by position."""
     _, h, w = attention.shape
     dense = np.zeros((h * w, h * w))
     for y in range(h):

@@ -18,7 +18,7 @@ def load_official(model, source):
     return list(load_backbone_weights(model, source, log=None)["dropped"])
 
 PUBLISHED_PARAMS_M = {"van_b0": 4.1, "van_b1": 13.9, "van_b2": 26.6, "van_b3": 44.8}
-SIZES = {  # embed dims / depths of the official configs (DESIGN.md section 4)
+SIZES = {  # embed dims / depths of the official configs (VAN-Classification)
     "van_b0": ((32, 64, 160, 256), (3, 3, 5, 2)),
     "van_b1": ((64, 128, 320, 512), (2, 2, 4, 2)),
     "van_b2": ((64, 128, 320, 512), (3, 3, 12, 3)),

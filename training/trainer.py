@@ -78,7 +78,7 @@ class Trainer:
         if config.amp:
             if not jt.flags.use_cuda:
                 raise SystemExit("--amp needs CUDA: Jittor's mixed precision on CPU falls off oneDNN "
-                                 "(~1000x slower convolutions). Run without --amp on CPU.")
+                                 "(orders of magnitude slower convolutions). Run without --amp on CPU.")
             jt.flags.auto_mixed_precision_level = 4      # fp16 where safe, sums/exp in fp32
         self.shard = dist.shard_bounds(config.batch_size)
 

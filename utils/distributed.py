@@ -1,6 +1,6 @@
 """Multi-process training helpers on Jittor's MPI (``mpirun -np N python train.py ...``).
 
-What Jittor already does under MPI (see ../shared/JITTOR.md): ``optimizer.step`` averages the
+What Jittor already does under MPI: ``optimizer.step`` averages the
 gradients over ranks, BatchNorm averages its batch statistics over ranks (``sync=True``). What
 it does not do, and this module does:
 

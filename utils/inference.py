@@ -12,7 +12,7 @@ How the views are combined, and why:
   (``predict_sliding`` in speedinghzl/CCNet) and mmsegmentation's ``slide_inference``.
 * **scales and flip**: each view (scale x flip) is resized back to the original size and their
   **softmax probabilities** are averaged, as mmsegmentation's ``aug_test`` does (its published
-  multi-scale numbers, DESIGN.md section 5, are what users compare with). Averaging probabilities
+  published multi-scale numbers are what users compare with). Averaging probabilities
   keeps one over-confident view from dominating; the official CCNet script averages logits,
   available here as ``average="logit"``. With more than one view the function returns the log of
   the averaged probabilities: still a logit tensor (softmax of it gives the averaged
@@ -22,7 +22,7 @@ How the views are combined, and why:
   uses (2048, 512)); without it, ``s`` multiplies the original size.
 
 The model must be in eval mode (``model.eval()``): CCNet then returns logits upsampled to its
-input size (contract 3).
+input size.
 """
 import math
 

@@ -1,6 +1,6 @@
 """Pictures: palette colouring, overlays, and criss-cross attention maps.
 
-Attention layout (DESIGN.md section 2): for a position u = (y, x) of an H x W feature map the
+Attention layout (that of ``models.cc_attention.ca_weight``): for a position u = (y, x) of an H x W feature map the
 attention ``A[:, y, x]`` has H+W-1 entries; entry i < W is row position (y, i), entry W+j is
 column position (j if j < y else j+1, x).
 
@@ -89,7 +89,7 @@ def uniform_attention(height, width):
 def attention_from_qk(query, key):
     """Softmaxed criss-cross attention ``[H+W-1, H, W]`` from one image's query/key ``[C', H, W]``.
 
-    A numpy re-statement of ``softmax(ca_weight(Q, K))`` in the DESIGN layout, used when the
+    A numpy re-statement of ``softmax(ca_weight(Q, K))`` in the layout above, used when the
     attention module does not keep its attention itself.
     """
     query, key = np.asarray(query, np.float64), np.asarray(key, np.float64)
