@@ -56,6 +56,10 @@ class ModelConfig:
             raise ValueError(f"a model config needs {' and '.join(missing)}, got {arch}")
         return cls(arch.pop("backbone"), int(arch.pop("num_classes")), int(arch.pop("recurrence", 2)), arch)
 
+    def build(self):
+        """``build_model`` with this config: the same architecture, new random weights."""
+        return build_model(**self.to_dict())
+
     def replace(self, **changes):
         """A copy with some fields or options changed (an option set to None is removed)."""
         arch = self.to_dict()

@@ -16,7 +16,6 @@ import jittor as jt
 from tqdm import tqdm
 
 import datasets
-import models
 from datasets.stream import BatchStream, sample_seed
 from models.losses import SegLoss
 from utils import distributed as dist
@@ -96,27 +95,7 @@ class Trainer:
         config = self.config
         # Identical initial weights on all ranks: same seed everywhere, then rank 0's values.
         jt.set_global_seed(config.seed, different_seed_for_mpi=False)
-        if self.resumed is not None:
-            model_config = config.model_config(self.num_classes)
-            try:                                                          # checks keys, shapes
-                self.model = build_model_from_checkpoint(self.resumed, config=model_config, log=self.log)
-            except CheckpointError as err:
-                raise SystemExit(f"--resume {self.resumed.path} does not fit the model of this run "
-                                 f"(--backbone {config.backbone} --recurrence {config.recurrence}, "
-                                 f"{self.num_classes} classes): {err}") from None
-        else:
-            pretrained = self._open_pretrained()
-            model_config = config.model_config(self.num_classes, pretrained and pretrained.options)
-            self.model = models.build_model(**model_config.to_dict())
-        # Jittor initialises weights lazily: without this sync the random init would run inside
-        # the first training step, after that step's jt.set_seed, i.e. from another seed.
-        jt.sync(list(self.model.state_dict().values()))
-        if self.resumed is None and pretrained is not None:
-            try:
-                load_backbone_weights(self.model, pretrained, log=self.log)
-            except CheckpointError as err:
-                raise SystemExit(f"--pretrained {config.pretrained} cannot be loaded into the {config.backbone} "
-                                 f"backbone: {err}") from None
+        self.model = self._fresh_model() if self.resumed is None else self._resumed_model()
         dist.broadcast_module(self.model)
         self.model.train()
         # SegLoss adds the category consistent terms when the model returns CCL features (ccl_dim).
@@ -127,6 +106,32 @@ class Trainer:
         self.optimizer = jt.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                       weight_decay=config.weight_decay)
         self.scheduler = PolyLR(self.optimizer, config.lr, config.iters, power=config.power, min_lr=config.min_lr)
+
+    def _fresh_model(self):
+        """The run's model; with ``--pretrained``, its backbone weights loaded."""
+        pretrained = self._open_pretrained()
+        model = self.config.model_config(self.num_classes, pretrained and pretrained.options).build()
+        # Jittor initialises weights lazily: without this sync the random init would run inside
+        # the first training step, after that step's jt.set_seed, i.e. from another seed.
+        jt.sync(list(model.state_dict().values()))
+        if pretrained is not None:
+            try:
+                load_backbone_weights(model, pretrained, log=self.log)
+            except CheckpointError as err:
+                raise SystemExit(f"--pretrained {self.config.pretrained} cannot be loaded into the "
+                                 f"{self.config.backbone} backbone: {err}") from None
+        return model
+
+    def _resumed_model(self):
+        """The resumed run's model with its weights (keys and shapes checked)."""
+        config = self.config
+        try:
+            return build_model_from_checkpoint(self.resumed, config=config.model_config(self.num_classes),
+                                               log=self.log)
+        except CheckpointError as err:
+            raise SystemExit(f"--resume {self.resumed.path} does not fit the model of this run "
+                             f"(--backbone {config.backbone} --recurrence {config.recurrence}, "
+                             f"{self.num_classes} classes): {err}") from None
 
     def _open_pretrained(self):
         """The ``--pretrained`` checkpoint (read before the model is built: its stem decides the

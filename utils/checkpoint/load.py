@@ -124,7 +124,7 @@ def build_model_from_checkpoint(source, overrides=None, config=None, log=print):
     checkpoint = source if isinstance(source, Checkpoint) else Checkpoint(source)
     try:
         config = config or checkpoint.model_config(overrides)
-        model = models.build_model(**config.to_dict())
+        model = config.build()
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError) as err:     # e.g. an unknown backbone in the overrides
