@@ -75,12 +75,12 @@ class RunConfig:
         options.setdefault("dropout", self.dropout)
         if self.ccl:
             options.setdefault("ccl_dim", 16)      # the TPAMI paper's projection
-        config = models.ModelConfig(self.backbone, num_classes, self.recurrence, options)
-        deep = config.effective_options().get("stem") == "deep"
-        if backbone_weights and deep and backbone_weights.get("stem") == "deep":
-            stem = {k: backbone_weights[k] for k in ("stem_widths", "stem_pool_ceil") if k in backbone_weights}
-            config = models.ModelConfig(self.backbone, num_classes, self.recurrence, {**stem, **options})
-        return config
+        planned = models.ModelConfig(self.backbone, num_classes, self.recurrence, options)
+        if backbone_weights and backbone_weights.get("stem") == planned.effective_options().get("stem") == "deep":
+            for key in ("stem_widths", "stem_pool_ceil"):
+                if key in backbone_weights:
+                    options.setdefault(key, backbone_weights[key])
+        return models.ModelConfig(self.backbone, num_classes, self.recurrence, options)
 
     def record(self):
         """The settings as a plain dict (logged, and saved in checkpoints for ``--resume``)."""

@@ -6,6 +6,6 @@ loading into built models); save (atomic writes). ``python -m utils.checkpoint F
 what a file is.
 """
 from .load import (Checkpoint, UnknownSourceError, build_model_from_checkpoint, load_backbone_weights,  # noqa: F401
-                   load_checkpoint, read_checkpoint, resolve_source)
+                   load_checkpoint, read_checkpoint)
 from .save import save_checkpoint  # noqa: F401
 from .torchfile import CheckpointError, Placeholder  # noqa: F401

@@ -69,12 +69,12 @@ class Checkpoint:
     ``options``: the build_model options the file describes.
     """
 
-    def __init__(self, source, raw=None):
+    def __init__(self, source):
         if isinstance(source, dict):
             self.path, self.raw = None, source
         else:
             self.path = resolve_source(source)
-            self.raw = read_file(self.path) if raw is None else raw
+            self.raw = read_file(self.path)
         self.where = str(self.path) if self.path else "weights given in memory"
         state, self.dropped = split_bn_counters(extract_state_dict(self.raw, self.where))
         self.layout = detect_layout(state, self.where)
@@ -94,12 +94,16 @@ class Checkpoint:
         self.options = {**self.layout.implies, **zoo_options, **(saved if isinstance(saved, dict) else {}),
                         **options_from_weights(self.state, self.layout.kind)}
 
-    @property
-    def config(self):
-        """The ``models.ModelConfig`` of a whole-model checkpoint."""
+    def require_whole_model(self):
+        """A CheckpointError unless this is a whole-model (segmentor) checkpoint."""
         if self.layout.kind != "segmentor":
             raise CheckpointError(f"{self.where} holds {self.layout.description} weights, a backbone only: "
                                   "use it with train.py --pretrained (load_backbone_weights), not as a full model")
+
+    @property
+    def config(self):
+        """The ``models.ModelConfig`` of a whole-model checkpoint."""
+        self.require_whole_model()
         return models.ModelConfig.from_dict(self.options)
 
     def model_config(self, overrides=None):
@@ -218,7 +222,7 @@ def load_checkpoint(model, source, strict=True, log=print):
     Returns a report: layout, loaded, dropped, filled, missing, unexpected, shape_mismatches.
     """
     checkpoint = source if isinstance(source, Checkpoint) else Checkpoint(source)
-    checkpoint.config                                   # a backbone-only file is an error here
+    checkpoint.require_whole_model()
     target = model.state_dict()
     missing, unexpected, shapes = find_mismatches(target, checkpoint.state)
     if strict and (missing or unexpected or shapes):
