@@ -20,10 +20,11 @@ from utils import runtime
 runtime.activate()
 
 from training import PRESETS, RECIPE, RunConfig, Trainer, open_resume  # noqa: E402
+from utils.checkpoint import Checkpoint  # noqa: E402
 from utils.cli import add_renamed_flag  # noqa: E402
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """train.py's flags; every default is None (or False): ``RunConfig`` fills in the rest."""
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -100,12 +101,12 @@ def build_parser():
     return p
 
 
-def _describe(preset):
+def _describe(preset: dict) -> str:
     return ", ".join(f"{k.replace('_', '-')} {v}" for k, v in preset.items() if k != "model_opts") + \
         ("".join(f", model-opt {k}={v}" for k, v in (preset.get("model_opts") or {}).items()))
 
 
-def _model_opts(parser, items):
+def _model_opts(parser: argparse.ArgumentParser, items: list[str] | None) -> dict:
     """``--model-opt KEY=VALUE`` items as a dict; VALUE a Python literal, or else a bare string."""
     opts = {}
     for item in items or ():
@@ -119,7 +120,7 @@ def _model_opts(parser, items):
     return opts
 
 
-def configure(argv=None):
+def configure(argv: list[str] | None = None) -> tuple[RunConfig, Checkpoint | None]:
     """(RunConfig, the resumed checkpoint or None) from the command line; bad flags exit with a
     usage error naming them."""
     parser = build_parser()
@@ -140,12 +141,12 @@ def configure(argv=None):
     return config, resumed
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> RunConfig:
     """The RunConfig the command line describes."""
     return configure(argv)[0]
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     config, resumed = configure(argv)
     return Trainer(config, resumed).run()
 

@@ -13,11 +13,12 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
 
-def sample_seed(seed, iteration, slot):
+def sample_seed(seed: int, iteration: int, slot: int) -> int:
     """Seed of the augmentation of sample ``slot`` of global batch ``iteration``."""
     return int(np.random.SeedSequence([seed, iteration, slot]).generate_state(1)[0])
 
@@ -55,7 +56,8 @@ class BatchStream:
     process had to wait for data.
     """
 
-    def __init__(self, dataset, batch_size, seed, shard, num_workers=0, prefetch=2):
+    def __init__(self, dataset: Any, batch_size: int, seed: int, shard: tuple[int, int], num_workers: int = 0,
+                 prefetch: int = 2) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -83,7 +85,7 @@ class BatchStream:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
         return self._perms[epoch]
 
-    def indices(self, iteration):
+    def indices(self, iteration: int) -> list[tuple[int, int]]:
         """(dataset index, augmentation seed) of each sample of this rank's shard of batch t."""
         out = []
         for slot in range(*self.shard):
@@ -99,7 +101,7 @@ class BatchStream:
         else:
             self._pending.append((iteration, [self._pool.submit(_worker_load, *t) for t in tasks]))
 
-    def next_batch(self, iteration):
+    def next_batch(self, iteration: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(images [b,3,h,w] float32, labels [b,h,w] int32, seconds waited) for iteration t."""
         try:
             return self._next_batch(iteration)
@@ -125,7 +127,7 @@ class BatchStream:
         waited = time.perf_counter() - start
         return images, labels, waited
 
-    def close(self):
+    def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

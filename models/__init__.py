@@ -6,6 +6,7 @@ imported; ``WEIGHT_LAYOUTS`` collects the published checkpoint layouts the model
 """
 import inspect
 from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from utils import runtime  # noqa: F401  (sets Jittor's environment before any model file imports it)
 
@@ -20,7 +21,7 @@ HEAD_OPTIONS = ("head_channels", "aux_channels", "head_act", "dropout", "ccl_dim
                 "temporal")
 
 
-def _accepted_options(factory):
+def _accepted_options(factory: Callable) -> tuple[set[str], bool]:
     """(names the factory takes as keywords, whether it takes **kwargs)."""
     params = inspect.signature(factory).parameters.values()
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -37,18 +38,18 @@ class ModelConfig:
     backbone: str
     num_classes: int
     recurrence: int = 2
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "options", dict(self.options))    # never shared with the caller
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         """The flat ``build_model`` keywords: backbone, num_classes, recurrence and the options."""
         return {"backbone": self.backbone, "num_classes": self.num_classes, "recurrence": self.recurrence,
                 **self.options}
 
     @classmethod
-    def from_dict(cls, arch):
+    def from_dict(cls, arch: Mapping[str, Any]) -> "ModelConfig":
         """The inverse of ``to_dict``; a missing backbone or num_classes is a ValueError."""
         arch = dict(arch)
         missing = [k for k in ("backbone", "num_classes") if arch.get(k) is None]
@@ -56,27 +57,27 @@ class ModelConfig:
             raise ValueError(f"a model config needs {' and '.join(missing)}, got {arch}")
         return cls(arch.pop("backbone"), int(arch.pop("num_classes")), int(arch.pop("recurrence", 2)), arch)
 
-    def build(self):
+    def build(self) -> CCNet:
         """``build_model`` with this config: the same architecture, new random weights."""
         return build_model(**self.to_dict())
 
-    def replace(self, **changes):
+    def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields or options changed (an option set to None is removed)."""
         arch = self.to_dict()
         arch.update(changes)
         return ModelConfig.from_dict({k: v for k, v in arch.items() if v is not None})
 
-    def with_backbone(self, backbone):
+    def with_backbone(self, backbone: str) -> "ModelConfig":
         """The same head on another backbone: this config's backbone options do not apply to it."""
         head = {k: v for k, v in self.options.items() if k in HEAD_OPTIONS}
         return ModelConfig(backbone, self.num_classes, self.recurrence, head)
 
-    def effective_options(self):
+    def effective_options(self) -> dict[str, Any]:
         """Every option of this model, defaults filled in (None: the backbone decides)."""
         return {**option_defaults(self.backbone), **self.options}
 
 
-def option_defaults(backbone):
+def option_defaults(backbone: str) -> dict[str, Any]:
     """The default of every head and backbone option ``build_model`` accepts for ``backbone``."""
     defaults = {}
     for function in (BACKBONES[resolve_backbone_name(backbone)], CCNet.__init__):
@@ -87,7 +88,7 @@ def option_defaults(backbone):
     return defaults
 
 
-def build_model(backbone, num_classes, recurrence=2, **opts):
+def build_model(backbone: str, num_classes: int, recurrence: int = 2, **opts: Any) -> CCNet:
     """CCNet on a registered backbone; its ``config`` (``ModelConfig``) records these arguments.
 
     ``opts`` holds head options (``HEAD_OPTIONS``, see ``CCNet``) and backbone options (e.g.

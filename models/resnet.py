@@ -23,10 +23,13 @@ Choices the segmentation literature made and that we keep configurable:
 * The stride of a bottleneck sits on its 3x3 conv (official code, torchvision >= 0.2 "v1.5").
 * ``base_channels`` (default 64) scales every width, so tests can build tiny networks.
 """
+from typing import Callable, Sequence
+
+import jittor as jt
 from jittor import nn
 
 from .registry import register_backbone
-from .weights import WeightLayout, has_all, rename, unchanged
+from .weights import StateDict, WeightLayout, has_all, rename, unchanged
 
 # output_stride -> (stride, dilation) of layer1..layer4
 STRIDE_PLANS = {
@@ -46,7 +49,7 @@ DEPTHS = {
 }
 
 
-def conv3x3(in_channels, out_channels, stride=1, dilation=1):
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 conv whose padding keeps the size (at stride 1) for any dilation."""
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation,
                      dilation=dilation, bias=False)
@@ -57,7 +60,8 @@ class BasicBlock(nn.Module):
     the block keeps the receptive field of its undilated ImageNet counterpart."""
     expansion = 1
 
-    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_channels, planes, stride, dilation)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -65,7 +69,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         out = nn.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -76,7 +80,8 @@ class Bottleneck(nn.Module):
     """1x1 reduce -> 3x3 (stride and dilation here) -> 1x1 expand by 4."""
     expansion = 4
 
-    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -86,7 +91,7 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.downsample = downsample
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         out = nn.relu(self.bn1(self.conv1(x)))
         out = nn.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -100,9 +105,10 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 class ResNet(nn.Module):
     """Backbone returning the four stage features [layer1, layer2, layer3, layer4]."""
 
-    def __init__(self, block="bottleneck", layers=(3, 4, 23, 3), stem="deep", output_stride=8,
-                 multi_grid=(1, 1, 1), base_channels=64, contract_dilation=False, stem_widths=None,
-                 stem_pool_ceil=None):
+    def __init__(self, block: str = "bottleneck", layers: Sequence[int] = (3, 4, 23, 3), stem: str = "deep",
+                 output_stride: int = 8, multi_grid: Sequence[int] = (1, 1, 1), base_channels: int = 64,
+                 contract_dilation: bool = False, stem_widths: Sequence[int] | None = None,
+                 stem_pool_ceil: bool | None = None) -> None:
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; expected one of {sorted(BLOCKS)}")
@@ -173,14 +179,14 @@ class ResNet(nn.Module):
         blocks += [block_type(out_channels, planes, 1, d) for d in dilations[1:]]
         return nn.Sequential(*blocks)
 
-    def execute_stem(self, x):
+    def execute_stem(self, x: jt.Var) -> jt.Var:
         x = nn.relu(self.bn1(self.conv1(x)))
         if self.stem == "deep":
             x = nn.relu(self.bn2(self.conv2(x)))
             x = nn.relu(self.bn3(self.conv3(x)))
         return self.maxpool(x)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> list[jt.Var]:
         x = self.execute_stem(x)
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -189,11 +195,12 @@ class ResNet(nn.Module):
         return features
 
 
-def _make_factory(name):
+def _make_factory(name: str) -> Callable[..., ResNet]:
     block, layers = DEPTHS[name]
 
-    def factory(stem="deep", output_stride=8, multi_grid=(1, 1, 1), base_channels=64,
-                contract_dilation=False, stem_widths=None, stem_pool_ceil=None):
+    def factory(stem: str = "deep", output_stride: int = 8, multi_grid: Sequence[int] = (1, 1, 1),
+                base_channels: int = 64, contract_dilation: bool = False, stem_widths: Sequence[int] | None = None,
+                stem_pool_ceil: bool | None = None) -> ResNet:
         return ResNet(block, layers, stem=stem, output_stride=output_stride, multi_grid=multi_grid,
                       base_channels=base_channels, contract_dilation=contract_dilation,
                       stem_widths=stem_widths, stem_pool_ceil=stem_pool_ceil)
@@ -214,7 +221,7 @@ V1C_STEM_NAMES = (("stem.0", "conv1"), ("stem.1", "bn1"), ("stem.3", "conv2"), (
                   ("stem.6", "conv3"), ("stem.7", "bn3"))
 
 
-def from_v1c(state):
+def from_v1c(state: StateDict) -> tuple[StateDict, dict[str, str]]:
     """OpenMMLab ResNetV1c keys -> ours."""
     out = {}
     for key, value in state.items():

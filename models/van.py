@@ -27,6 +27,7 @@ Depthwise convolutions run on CPU through the OpenMP kernels below (``DepthwiseC
 Jittor's generic grouped convolution is single-threaded and much slower (README).
 """
 import math
+from typing import Any, Callable, Iterator, Sequence
 
 import jittor as jt
 from jittor import nn
@@ -145,10 +146,10 @@ class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(dim, dim, k, padding, dilation, groups=dim)`` (same parameters and names) that
     runs the OpenMP kernels above on CPU, and Jittor's own implementation elsewhere."""
 
-    def __init__(self, dim, kernel_size, padding, dilation):
+    def __init__(self, dim: int, kernel_size: int, padding: int, dilation: int) -> None:
         super().__init__(dim, dim, kernel_size, padding=padding, dilation=dilation, groups=dim)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         if jt.flags.use_cuda:
             return super().execute(x)
         y = _DepthwiseConvCPU()(x, self.weight, self.padding[0], self.dilation[0])
@@ -163,18 +164,18 @@ def _depthwise(dim, kernel_size, dilation):
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
 
-    def __init__(self, drop_prob=0.0):
+    def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = float(drop_prob)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         if self.drop_prob == 0.0 or not self.is_training():
             return x
         keep_prob = 1.0 - self.drop_prob
         keep = (jt.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype) + keep_prob).floor()
         return x / keep_prob * keep
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
 
@@ -185,13 +186,13 @@ class ChannelLayerNorm(nn.Module):
     with eps = 1e-6 the latter loses precision on large activations.
     """
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = jt.ones(dim)
         self.bias = jt.zeros(dim)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         centred = x - x.mean(dim=1, keepdims=True)
         scale = 1.0 / jt.sqrt((centred * centred).mean(dim=1, keepdims=True) + self.eps)
         return centred * scale * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
@@ -200,59 +201,59 @@ class ChannelLayerNorm(nn.Module):
 class LKA(nn.Module):
     """Large-kernel attention: 5x5 depthwise -> 7x7 depthwise dilation 3 -> 1x1, gates the input."""
 
-    def __init__(self, dim, dilation=1):
+    def __init__(self, dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.conv0 = _depthwise(dim, 5, dilation)
         self.conv_spatial = _depthwise(dim, 7, 3 * dilation)
         self.conv1 = nn.Conv2d(dim, dim, 1)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return x * self.conv1(self.conv_spatial(self.conv0(x)))
 
 
 class Attention(nn.Module):
     """1x1 -> GELU -> LKA -> 1x1, plus its own shortcut (as in the official code)."""
 
-    def __init__(self, dim, dilation=1):
+    def __init__(self, dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.proj_1 = nn.Conv2d(dim, dim, 1)
         self.activation = nn.GELU()
         self.spatial_gating_unit = LKA(dim, dilation)
         self.proj_2 = nn.Conv2d(dim, dim, 1)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
 
 
 class DWConv(nn.Module):
     """Wrapper that only exists so the official key name ``mlp.dwconv.dwconv`` comes out."""
 
-    def __init__(self, dim, dilation=1):
+    def __init__(self, dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.dwconv = _depthwise(dim, 3, dilation)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.dwconv(x)
 
 
 class Mlp(nn.Module):
     """1x1 expand -> 3x3 depthwise -> GELU -> 1x1 project."""
 
-    def __init__(self, dim, hidden_dim, dilation=1):
+    def __init__(self, dim: int, hidden_dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.dwconv = DWConv(hidden_dim, dilation)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.fc2(self.act(self.dwconv(self.fc1(x))))
 
 
 class Block(nn.Module):
     """x + drop_path(ls1 * attn(bn1(x))), then x + drop_path(ls2 * mlp(bn2(x)))."""
 
-    def __init__(self, dim, mlp_ratio, drop_path=0.0, dilation=1):
+    def __init__(self, dim: int, mlp_ratio: int, drop_path: float = 0.0, dilation: int = 1) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(dim)
         self.attn = Attention(dim, dilation)
@@ -262,7 +263,7 @@ class Block(nn.Module):
         self.layer_scale_1 = jt.full((dim,), LAYER_SCALE_INIT)
         self.layer_scale_2 = jt.full((dim,), LAYER_SCALE_INIT)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         x = x + self.drop_path(self.layer_scale_1.reshape(1, -1, 1, 1) * self.attn(self.norm1(x)))
         return x + self.drop_path(self.layer_scale_2.reshape(1, -1, 1, 1) * self.mlp(self.norm2(x)))
 
@@ -270,13 +271,13 @@ class Block(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlapping windows (7x7/4 for stage 1, 3x3/2 later) + BatchNorm."""
 
-    def __init__(self, in_channels, dim, kernel_size, stride, dilation=1):
+    def __init__(self, in_channels: int, dim: int, kernel_size: int, stride: int, dilation: int = 1) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size, stride=stride,
                               padding=dilation * (kernel_size // 2), dilation=dilation)
         self.norm = nn.BatchNorm2d(dim)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.norm(self.proj(x))
 
 
@@ -287,8 +288,8 @@ class VAN(nn.Module):
     (4, 8, 16, 16) for 16, (4, 8, 8, 8) for 8.
     """
 
-    def __init__(self, embed_dims, depths, mlp_ratios=MLP_RATIOS, drop_path_rate=0.0,
-                 output_stride=32, in_channels=3):
+    def __init__(self, embed_dims: Sequence[int], depths: Sequence[int], mlp_ratios: Sequence[int] = MLP_RATIOS,
+                 drop_path_rate: float = 0.0, output_stride: int = 32, in_channels: int = 3) -> None:
         super().__init__()
         embed_dims, depths, mlp_ratios = list(embed_dims), list(depths), list(mlp_ratios)
         if not len(embed_dims) == len(depths) == len(mlp_ratios) == 4:
@@ -340,11 +341,11 @@ class VAN(nn.Module):
                 if module.bias is not None:
                     module.bias.assign(jt.zeros(module.bias.shape))
 
-    def stages(self):
+    def stages(self) -> Iterator[tuple[OverlapPatchEmbed, nn.ModuleList, ChannelLayerNorm]]:
         for i in range(1, 5):
             yield getattr(self, f"patch_embed{i}"), getattr(self, f"block{i}"), getattr(self, f"norm{i}")
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> list[jt.Var]:
         if x.ndim != 4 or x.shape[1] != self.patch_embed1.proj.in_channels:
             raise ValueError(f"VAN expects images [B, {self.patch_embed1.proj.in_channels}, H, W], "
                              f"got shape {list(x.shape)}")
@@ -361,22 +362,24 @@ class VAN(nn.Module):
 class VANClassifier(VAN):
     """VAN with the ImageNet head (global average pool of stage 4 -> ``head``): logits [B, classes]."""
 
-    def __init__(self, embed_dims, depths, num_classes=1000, **kwargs):
+    def __init__(self, embed_dims: Sequence[int], depths: Sequence[int], num_classes: int = 1000,
+                 **kwargs: Any) -> None:
         super().__init__(embed_dims, depths, **kwargs)
         self.head = nn.Linear(self.out_channels[-1], num_classes)
         self.head.weight.assign(jt.init.trunc_normal_(jt.zeros(self.head.weight.shape), std=0.02))
         self.head.bias.assign(jt.zeros(self.head.bias.shape))
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.head(super().execute(x)[-1].mean(dims=(2, 3)))
 
 
-def _make_factory(name):
+def _make_factory(name: str) -> Callable[..., VAN]:
     size = VAN_SIZES[name]
 
     # Explicit keywords, so that models.build_model can tell backbone options from typos.
-    def factory(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-                in_channels=3, num_classes=0):
+    def factory(output_stride: int = 8, drop_path_rate: float = 0.1, embed_dims: Sequence[int] | None = None,
+                depths: Sequence[int] | None = None, mlp_ratios: Sequence[int] = MLP_RATIOS, in_channels: int = 3,
+                num_classes: int = 0) -> VAN:
         config = dict(embed_dims=embed_dims or size["embed_dims"], depths=depths or size["depths"],
                       mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate, output_stride=output_stride,
                       in_channels=in_channels)

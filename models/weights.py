@@ -6,6 +6,11 @@ official VAN), so the knowledge of a network's parameter names stays beside the 
 ``models.WEIGHT_LAYOUTS`` collects them; ``utils.checkpoint`` reads files and applies them.
 """
 from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Sequence
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]     # parameter name -> array
 
 
 @dataclass(frozen=True)
@@ -22,13 +27,13 @@ class WeightLayout:
     name: str
     kind: str
     description: str
-    matches: object
-    convert: object
-    implies: dict = field(default_factory=dict)
+    matches: Callable[[set[str]], bool]
+    convert: Callable[[StateDict], tuple[StateDict, dict[str, str]]]
+    implies: dict[str, Any] = field(default_factory=dict)
     classifier: str = ""
 
 
-def rename(key, table):
+def rename(key: str, table: Sequence[tuple[str, str]]) -> str | None:
     """Apply the first matching (old prefix, new prefix) pair of ``table``; None when none matches."""
     for old, new in table:
         if key == old or key.startswith(old + "."):
@@ -36,10 +41,10 @@ def rename(key, table):
     return None
 
 
-def unchanged(state):
+def unchanged(state: StateDict) -> tuple[StateDict, dict[str, str]]:
     """``convert`` of a layout whose names are already ours."""
     return dict(state), {}
 
 
-def has_all(keys, *names):
+def has_all(keys: Collection[str], *names: str) -> bool:
     return all(n in keys for n in names)

@@ -6,8 +6,10 @@ preset > the ADE20K recipe (mmsegmentation's: the field defaults below).
 """
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Collection, Mapping
 
 import models
+from utils.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,7 @@ class RunConfig:
     """Everything a run needs to know. Field names are train.py's flags with '_' for '-'."""
     # data
     dataset: str = "ade20k"
-    data_root: str = None
+    data_root: str | None = None
     crop_size: int = 512
     batch_size: int = 16
     num_workers: int = 4
@@ -23,8 +25,8 @@ class RunConfig:
     backbone: str = "resnet101"
     recurrence: int = 2
     dropout: float = 0.1
-    model_opts: dict = field(default_factory=dict)
-    pretrained: str = None
+    model_opts: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
     # optimisation
     iters: int = 80000
     lr: float = 0.01
@@ -38,16 +40,16 @@ class RunConfig:
     amp: bool = False
     seed: int = 0
     # evaluation, logging, checkpoints
-    work_dir: str = None
+    work_dir: str | None = None
     eval_interval: int = 8000
     eval_mode: str = "whole"
-    eval_window: int = None
-    eval_stride: int = None
-    eval_max_images: int = None
+    eval_window: int | None = None
+    eval_stride: int | None = None
+    eval_max_images: int | None = None
     save_interval: int = 8000
     log_interval: int = 10
-    stop_at: int = None
-    resume: str = None
+    stop_at: int | None = None
+    resume: str | None = None
     no_progress: bool = False
 
     def __post_init__(self):
@@ -64,7 +66,7 @@ class RunConfig:
             object.__setattr__(self, "work_dir", os.path.join(
                 "work_dirs", f"{self.dataset}_{self.backbone}_r{self.recurrence}"))
 
-    def model_config(self, num_classes, backbone_weights=None):
+    def model_config(self, num_classes: int, backbone_weights: Mapping[str, Any] | None = None) -> models.ModelConfig:
         """The ``models.ModelConfig`` of this run for a dataset of ``num_classes`` classes.
 
         ``backbone_weights`` (the ``--pretrained`` file's build options): a deep stem takes the
@@ -82,12 +84,13 @@ class RunConfig:
                     options.setdefault(key, backbone_weights[key])
         return models.ModelConfig(self.backbone, num_classes, self.recurrence, options)
 
-    def record(self):
+    def record(self) -> dict[str, Any]:
         """The settings as a plain dict (logged, and saved in checkpoints for ``--resume``)."""
         return asdict(self)
 
     @classmethod
-    def from_flags(cls, flags, explicit, resumed=None):
+    def from_flags(cls, flags: Mapping[str, Any], explicit: Collection[str],
+                   resumed: Checkpoint | None = None) -> "RunConfig":
         """``flags``: train.py's parsed flags by field name (``model_opts``: the ``--model-opt``
         values); ``explicit``: the names given on the command line; ``resumed``: the
         ``utils.checkpoint.Checkpoint`` of ``--resume``.
@@ -124,7 +127,7 @@ RENAMED = {"eval_crop": "eval_window", "val_images": "eval_max_images"}
 NOT_INHERITED = ("resume", "stop_at", "no_progress", "pretrained", "work_dir")
 
 
-def _model_settings(resumed, given):
+def _model_settings(resumed: Checkpoint, given: Mapping[str, Any]) -> dict[str, Any]:
     """backbone / recurrence / dropout / model_opts of the resumed run's model, changed by the
     model flags given explicitly."""
     overrides = {k: given[k] for k in ("backbone", "recurrence", "dropout") if k in given}

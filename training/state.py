@@ -1,12 +1,13 @@
 """The parts of a training checkpoint beyond the weights: optimizer momentum and RNG states."""
 import random
+from typing import Any, Mapping
 
 import numpy as np
 
 import jittor as jt
 
 
-def optimizer_state(optimizer, names):
+def optimizer_state(optimizer: jt.optim.Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
     """Momentum buffers by parameter name (Jittor's own optimizer.state_dict() omits them)."""
     buffers = {}
     for group in optimizer.param_groups:
@@ -15,7 +16,8 @@ def optimizer_state(optimizer, names):
     return {"momentum_buffers": buffers, "n_step": optimizer.n_step}
 
 
-def load_optimizer_state(optimizer, names, state, source):
+def load_optimizer_state(optimizer: jt.optim.Optimizer, names: Mapping[int, str], state: Any,
+                         source: object) -> None:
     """Put the momentum buffers ``optimizer_state`` saved back; any missing or mis-shaped one is a
     ValueError naming ``source`` and the parameter (the run could not continue exactly)."""
     buffers = state.get("momentum_buffers") if isinstance(state, dict) else None
@@ -35,12 +37,12 @@ def load_optimizer_state(optimizer, names, state, source):
     optimizer.n_step = int(state.get("n_step", 0))
 
 
-def rng_state():
+def rng_state() -> dict[str, Any]:
     """NumPy's and Python's global RNG states (anything a transform may draw from)."""
     return {"numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def set_rng_state(state):
+def set_rng_state(state: Mapping[str, Any] | None) -> None:
     """The inverse of ``rng_state`` (checkpoints without it leave the RNGs alone)."""
     if not state:
         return

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
+from typing import Any
 
 import jittor as jt
 from tqdm import tqdm
@@ -25,18 +26,19 @@ from utils.evaluation import evaluate
 from utils.logger import TrainLogger
 from utils.lr import PolyLR
 
+from .config import RunConfig
 from .state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
 
 LATEST = "latest.pkl"
 BEST = "best.pkl"
 
 
-def resume_path(source):
+def resume_path(source: str) -> str:
     """The checkpoint ``--resume`` means: a file, or a work dir's latest checkpoint."""
     return os.path.join(source, LATEST) if os.path.isdir(source) else source
 
 
-def open_resume(source):
+def open_resume(source: str) -> Checkpoint:
     """The training checkpoint to continue (read once); a ValueError saying why it cannot be."""
     path = resume_path(source)
     if not os.path.isfile(path):
@@ -54,7 +56,7 @@ def open_resume(source):
 class Trainer:
     """Wires dataset, model, loss, optimiser, schedule, logging and checkpoints for one config."""
 
-    def __init__(self, config, resumed=None):
+    def __init__(self, config: RunConfig, resumed: Checkpoint | None = None) -> None:
         self.config = config
         self.resumed = open_resume(config.resume) if config.resume and resumed is None else resumed
         self.main = dist.is_main()
@@ -148,13 +150,13 @@ class Trainer:
             raise SystemExit(f"--pretrained {source} cannot be loaded into the {self.config.backbone} "
                              f"backbone: {err}") from None
 
-    def log(self, line):
+    def log(self, line: str) -> None:
         """Progress lines of the checkpoint loaders: printed by rank 0 only."""
         if self.main:
             print(line)
 
     # -- checkpoints -------------------------------------------------------------------
-    def state(self, iteration):
+    def state(self, iteration: int) -> dict[str, Any]:
         return {
             "state_dict": {k: v.numpy() for k, v in self.model.state_dict().items()},
             "optimizer": optimizer_state(self.optimizer, self.param_names),
@@ -167,7 +169,7 @@ class Trainer:
                      "classes": list(getattr(self.train_set, "CLASSES", ())), "args": self.config.record()},
         }
 
-    def save(self, name, iteration):
+    def save(self, name: str, iteration: int) -> str:
         """Write a checkpoint atomically (rank 0 only); returns its path."""
         path = os.path.join(self.config.work_dir, name)
         if self.main:
@@ -192,7 +194,7 @@ class Trainer:
             print(f"resumed from {path} at iteration {self.start_iter}", file=sys.stderr)
 
     # -- loop --------------------------------------------------------------------------
-    def train_step(self, iteration):
+    def train_step(self, iteration: int) -> tuple[dict[str, float], float, float | None]:
         """One SGD step on global batch ``iteration``; returns (loss terms, wait s, step s)."""
         images, labels, waited = self.batches.next_batch(iteration)
         start = time.perf_counter()
@@ -213,7 +215,7 @@ class Trainer:
         jt.sync_all(True)
         return record, waited, time.perf_counter() - start
 
-    def evaluate(self, iteration):
+    def evaluate(self, iteration: int) -> dict[str, Any]:
         config = self.config
         limit = config.eval_max_images
         indices = range(min(limit, len(self.val_set.samples))) if limit else None
@@ -230,7 +232,7 @@ class Trainer:
             self.save(BEST, iteration)
         return record
 
-    def run(self):
+    def run(self) -> int:
         """Train until ``--iters`` (or a stop); returns the exit status (0 done, 130 interrupted,
         3 the loss diverged)."""
         config = self.config

@@ -1,16 +1,17 @@
 """Small pieces the command-line scripts (train.py, test.py, demo.py) share."""
 import argparse
 import sys
+from typing import Any
 
 
-def one_paragraph(err, limit=4000):
+def one_paragraph(err: BaseException | str, limit: int = 4000) -> str:
     """An exception's message on one line (long key lists cut at ``limit`` characters)."""
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class _RenamedFlag(argparse.Action):
-    def __init__(self, option_strings, dest, new, **kwargs):
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, **kwargs)
         self.new = new
 
@@ -19,7 +20,8 @@ class _RenamedFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_renamed_flag(parser, old, new, **kwargs):
+def add_renamed_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str,
+                     **kwargs: Any) -> None:
     """Keep accepting ``old``, the former spelling of ``new`` (same destination, hidden from
     --help), with one line on stderr when it is used. ``kwargs``: ``type`` / ``nargs`` of ``new``."""
     dest = new.lstrip("-").replace("-", "_")

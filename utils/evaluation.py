@@ -7,7 +7,10 @@ and the arg-max prediction is compared with the ground truth at the original siz
 Under MPI each rank takes every ``world_size``-th image and the confusion matrices are summed
 (``ConfusionMatrix.summary``), so all ranks return the same numbers.
 """
+from typing import Any, Callable, Iterable, Sequence
+
 import numpy as np
+from jittor import nn
 from tqdm import tqdm
 
 from . import distributed as dist
@@ -15,9 +18,11 @@ from .inference import clip_inference
 from .metrics import ConfusionMatrix
 
 
-def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False,
-             progress=True, base_size=None, average="prob", on_prediction=None, indices=None,
-             num_classes=None):
+def evaluate(model: nn.Module, dataset: Any, mode: str = "whole", crop_size: int | Sequence[int] | None = None,
+             stride: int | Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
+             progress: bool = True, base_size: Sequence[int] | None = None, average: str = "prob",
+             on_prediction: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+             indices: Iterable[int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
     """Run the model over ``dataset`` and return ``ConfusionMatrix.summary()`` plus ``num_images``.
 
     ``mode``, ``crop_size``, ``stride``, ``scales``, ``flip``, ``base_size``, ``average``: see

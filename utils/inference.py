@@ -25,6 +25,7 @@ The model must be in eval mode (``model.eval()``): CCNet then returns logits ups
 input size.
 """
 import math
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -35,8 +36,10 @@ MODES = ("whole", "slide")
 AVERAGES = ("prob", "logit")
 
 
-def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False,
-              base_size=None, average="prob"):
+def inference(model: Callable[[jt.Var], Any], image: np.ndarray | jt.Var, mode: str = "whole",
+              crop_size: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
+              scales: Sequence[float] = (1.0,), flip: bool = False, base_size: Sequence[int] | None = None,
+              average: str = "prob") -> jt.Var:
     """Scores ``[B, C, H, W]`` (or ``[C, H, W]`` for a single ``[3, H, W]`` image) as a ``jt.Var``.
 
     ``image``: normalised float image(s), numpy or ``jt.Var``, ``[3, H, W]`` or ``[B, 3, H, W]``.
@@ -85,7 +88,7 @@ def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1
     return scores[0] if single else scores
 
 
-def clip_inference(model, frames, **options):
+def clip_inference(model: nn.Module, frames: np.ndarray, **options: Any) -> jt.Var:
     """Scores ``[T, C, H, W]`` for the normalised frames ``[T, 3, H, W]`` of one clip.
 
     A temporal model (``model.temporal``, models/ccnet3d.py) sees the frames as one clip, so they
@@ -113,7 +116,8 @@ def _whole(model, x):
     return out
 
 
-def tile_boxes(height, width, crop_size, stride):
+def tile_boxes(height: int, width: int, crop_size: Sequence[int],
+               stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) of every sliding-window tile, row-major (official CCNet tiling)."""
     (crop_h, crop_w), (stride_h, stride_w) = crop_size, stride
     rows = max(int(math.ceil((height - crop_h) / stride_h)), 0) + 1

@@ -14,6 +14,7 @@ README (Hugging Face, Tsinghua Cloud and Google Drive copies).
 """
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
 from .download import DownloadError, download
 
@@ -109,13 +110,13 @@ MODEL_ZOO = {
 ALIASES = {"van_base": "van_b2", "resnet101_imagenet": "resnet101_mit_csail"}
 
 
-def canonical_name(name):
+def canonical_name(name: str) -> str | None:
     """The zoo name ``name`` stands for (itself or the name of an alias); None when it is neither."""
     canonical = ALIASES.get(name, name)
     return canonical if canonical in MODEL_ZOO else None
 
 
-def zoo_entry(name):
+def zoo_entry(name: str) -> dict[str, Any]:
     """The zoo entry for ``name`` (or an alias), with its canonical ``name`` and cache ``filename``."""
     canonical = canonical_name(name)
     if canonical is None:
@@ -125,7 +126,7 @@ def zoo_entry(name):
     return entry
 
 
-def valid_names():
+def valid_names() -> list[str]:
     return sorted(MODEL_ZOO) + sorted(f"{a} (= {n})" for a, n in ALIASES.items())
 
 
@@ -134,7 +135,7 @@ def _cache_name(name, url):
     return tail if re.search(r"\.(pth|pt|tar|pkl)$", tail) else f"{name}.pth"
 
 
-def download_entry(entry, progress=True):
+def download_entry(entry: Mapping[str, Any], progress: bool = True) -> Path:
     """Download a zoo entry (trying its mirrors in turn); returns the cached path."""
     errors = []
     for url in (entry["url"], *entry.get("mirrors", ())):
@@ -147,7 +148,7 @@ def download_entry(entry, progress=True):
                         "\nDownload it by hand and pass the file's path instead.")
 
 
-def zoo_table():
+def zoo_table() -> str:
     """Markdown table of the zoo (for the README)."""
     rows = ["| name | kind | layout | published | source |", "|---|---|---|---|---|"]
     for name in MODEL_ZOO:

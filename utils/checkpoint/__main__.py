@@ -1,11 +1,12 @@
 """``python -m utils.checkpoint FILE_URL_OR_ZOO_NAME ...``: what each checkpoint is (layout, kind,
 build options, tensors); exit status 2 when one cannot be read."""
 import sys
+from typing import Sequence
 
 from utils.checkpoint import Checkpoint, CheckpointError
 
 
-def describe(source):
+def describe(source: str) -> str:
     """A few lines on what a checkpoint is: layout, kind, build options, tensors, classifier."""
     checkpoint = Checkpoint(source)
     lines = [checkpoint.where,
@@ -17,7 +18,7 @@ def describe(source):
     return "\n".join(lines)
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> int:
     if not argv:
         sys.exit("usage: python -m utils.checkpoint FILE_URL_OR_ZOO_NAME ...")
     status = 0

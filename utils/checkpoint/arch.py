@@ -1,19 +1,22 @@
 """The build options that weights show by their shapes: backbone depth and widths, stem, VAN
 size, classes and head widths. (What shapes cannot show comes from the layout, the model zoo
 entry or the config saved with our own files.)"""
+from typing import Any
+
 from models.resnet import DEPTHS
 from models.van import MLP_RATIOS, VAN_SIZES
+from models.weights import StateDict
 
 from .torchfile import CheckpointError
 
 
-def _blocks_per_stage(state, stage_prefix):
+def _blocks_per_stage(state: StateDict, stage_prefix: str) -> tuple[int, ...]:
     """Number of blocks of each of the four stages ``{stage_prefix}{1..4}.{j}.``."""
     return tuple(len({int(k[len(f"{stage_prefix}{i}."):].split(".")[0]) for k in state
                       if k.startswith(f"{stage_prefix}{i}.")}) for i in range(1, 5))
 
 
-def _resnet_options(state):
+def _resnet_options(state: StateDict) -> dict[str, Any]:
     block = "bottleneck" if "backbone.layer1.0.conv3.weight" in state else "basic"
     layers = _blocks_per_stage(state, "backbone.layer")
     name = next((n for n, (b, l) in DEPTHS.items() if b == block and tuple(l) == layers), None)
@@ -32,7 +35,7 @@ def _resnet_options(state):
     return options
 
 
-def _van_options(state):
+def _van_options(state: StateDict) -> dict[str, Any]:
     dims = tuple(int(state[f"backbone.patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5))
     depths = _blocks_per_stage(state, "backbone.block")
     ratios = tuple(int(state[f"backbone.block{i}.0.mlp.fc1.weight"].shape[0]) // d for i, d in zip(range(1, 5), dims))
@@ -42,7 +45,7 @@ def _van_options(state):
     return dict(backbone="van_b0", embed_dims=dims, depths=depths, mlp_ratios=ratios)
 
 
-def options_from_weights(state, kind):
+def options_from_weights(state: StateDict, kind: str) -> dict[str, Any]:
     """build_model options read off a state dict in our names (``kind``: "segmentor" adds the
     classes and head widths)."""
     options = _van_options(state) if "backbone.patch_embed1.proj.weight" in state else _resnet_options(state)

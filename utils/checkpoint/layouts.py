@@ -3,23 +3,26 @@
 The layouts themselves (how to recognise one, how its keys map) belong to the model files and
 are collected in ``models.WEIGHT_LAYOUTS``.
 """
+from typing import Any
+
 import numpy as np
 
 import models
+from models.weights import StateDict, WeightLayout
 
 from .torchfile import CheckpointError, Placeholder
 
 WRAPPER_KEYS = ("state_dict", "model")     # mmseg/VAN: "state_dict"; others: "model"
 
 
-def _as_array(value):
+def _as_array(value: Any) -> np.ndarray | None:
     """numpy arrays as they are; jittor Vars and torch tensors (weights given in memory) as numpy."""
     if isinstance(value, np.ndarray):
         return value
     return np.asarray(value.numpy()) if callable(getattr(value, "numpy", None)) else None
 
 
-def extract_state_dict(obj, where="checkpoint"):
+def extract_state_dict(obj: Any, where: str = "checkpoint") -> StateDict:
     """The flat {key: numpy array} inside a checkpoint object: unwraps "state_dict"/"model"
     nesting, drops non-tensor entries, strips DataParallel's "module." prefix."""
     for _ in range(3):
@@ -41,14 +44,14 @@ def extract_state_dict(obj, where="checkpoint"):
     return state
 
 
-def split_bn_counters(state):
+def split_bn_counters(state: StateDict) -> tuple[StateDict, dict[str, str]]:
     """(state without BatchNorm's num_batches_tracked, {dropped key: why})."""
     kept = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     dropped = {k: "BatchNorm step counter (Jittor keeps none)" for k in state if k not in kept}
     return kept, dropped
 
 
-def detect_layout(state, where="checkpoint"):
+def detect_layout(state: StateDict, where: str = "checkpoint") -> WeightLayout:
     """The layout whose signature the keys show; whole-model layouts are tried first, since a
     whole model holds a backbone too."""
     keys = set(state)

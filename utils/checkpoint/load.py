@@ -17,6 +17,7 @@ Missing, unexpected or mis-shaped keys and variants the weights do not fit are a
 import os
 import re
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -29,12 +30,15 @@ from .arch import options_from_weights
 from .layouts import detect_layout, extract_state_dict, split_bn_counters
 from .torchfile import CheckpointError, read_file
 
+Source = str | os.PathLike | dict           # a path, a URL, a zoo name, or the weights themselves
+Log = Callable[[str], None] | None         # where progress lines go (None: nowhere)
+
 
 class UnknownSourceError(CheckpointError):
     """Neither an existing file, nor a URL, nor a model zoo name."""
 
 
-def resolve_source(source, progress=True):
+def resolve_source(source: str | os.PathLike, progress: bool = True) -> Path:
     """Local path of a checkpoint given as an existing path, an http(s) URL or a zoo name
     (downloaded into the cache when needed)."""
     text = os.path.expanduser(os.fspath(source))
@@ -54,7 +58,7 @@ def resolve_source(source, progress=True):
                              f"model zoo names: {', '.join(model_zoo.valid_names())}")
 
 
-def read_checkpoint(source):
+def read_checkpoint(source: str | os.PathLike) -> Any:
     """The object stored in a checkpoint (our Jittor pickle or a PyTorch file), tensors as numpy."""
     return read_file(resolve_source(source))
 
@@ -69,7 +73,7 @@ class Checkpoint:
     ``options``: the build_model options the file describes.
     """
 
-    def __init__(self, source):
+    def __init__(self, source: Source) -> None:
         if isinstance(source, dict):
             self.path, self.raw = None, source
         else:
@@ -94,19 +98,19 @@ class Checkpoint:
         self.options = {**self.layout.implies, **zoo_options, **(saved if isinstance(saved, dict) else {}),
                         **options_from_weights(self.state, self.layout.kind)}
 
-    def require_whole_model(self):
+    def require_whole_model(self) -> None:
         """A CheckpointError unless this is a whole-model (segmentor) checkpoint."""
         if self.layout.kind != "segmentor":
             raise CheckpointError(f"{self.where} holds {self.layout.description} weights, a backbone only: "
                                   "use it with train.py --pretrained (load_backbone_weights), not as a full model")
 
     @property
-    def config(self):
+    def config(self) -> models.ModelConfig:
         """The ``models.ModelConfig`` of a whole-model checkpoint."""
         self.require_whole_model()
         return models.ModelConfig.from_dict(self.options)
 
-    def model_config(self, overrides=None):
+    def model_config(self, overrides: Mapping[str, Any] | None = None) -> models.ModelConfig:
         """``config`` with ``overrides`` (backbone, num_classes, recurrence or any option; None
         values are ignored). Another backbone keeps the head options only: the file's backbone
         options were for its own backbone."""
@@ -118,7 +122,8 @@ class Checkpoint:
         return config.replace(**overrides)
 
 
-def build_model_from_checkpoint(source, overrides=None, config=None, log=print):
+def build_model_from_checkpoint(source: "Source | Checkpoint", overrides: Mapping[str, Any] | None = None,
+                                config: models.ModelConfig | None = None, log: Log = print) -> models.CCNet:
     """The model a whole-model checkpoint describes (``Checkpoint.model_config(overrides)``), or
     the given ``config``, with the checkpoint's weights loaded strictly; in eval mode.
 
@@ -139,7 +144,7 @@ def build_model_from_checkpoint(source, overrides=None, config=None, log=print):
     return model
 
 
-def find_mismatches(target, state):
+def find_mismatches(target: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
     """(missing, unexpected, mis-shaped) keys of ``state`` against ``target``, in network order
     (the model's / the file's), so the first lines show where things diverge."""
     missing = [k for k in target if k not in state]
@@ -149,7 +154,7 @@ def find_mismatches(target, state):
     return missing, unexpected, shapes
 
 
-def describe_problems(missing, unexpected, shapes, limit=12):
+def describe_problems(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 12) -> str:
     parts = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
@@ -158,7 +163,7 @@ def describe_problems(missing, unexpected, shapes, limit=12):
     return "\n  ".join(parts)
 
 
-def assign_state(target, state):
+def assign_state(target: Mapping[str, jt.Var], state: Mapping[str, np.ndarray]) -> int:
     """Copy numpy ``state`` into the Vars of ``target`` (a state dict); returns how many."""
     assigned = []
     for key, value in state.items():
@@ -172,7 +177,7 @@ def assign_state(target, state):
     return len(assigned)
 
 
-def _check_variant(model, checkpoint):
+def _check_variant(model: jt.Module, checkpoint: Checkpoint) -> None:
     """Refuse a model whose options differ from what the layout implies (head activation,
     contract dilation, pooling): such weights load without complaint but compute something else.
     An option a backbone resolves itself (None) is not checked."""
@@ -189,12 +194,12 @@ def _check_variant(model, checkpoint):
             f"build_model_from_checkpoint(...) or these options.")
 
 
-def _model_name(model):
+def _model_name(model: jt.Module) -> str:
     config = getattr(model, "config", None)
     return f"a CCNet with backbone {config.backbone}, {config.num_classes} classes" if config else "this model"
 
 
-def _report(log, checkpoint, loaded, what, dropped):
+def _report(log: Log, checkpoint: Checkpoint, loaded: int, what: str, dropped: Mapping[str, str]) -> None:
     if log is None:
         return
     name = checkpoint.path.name if checkpoint.path else checkpoint.where
@@ -213,7 +218,8 @@ def _report(log, checkpoint, loaded, what, dropped):
         log(f"  {title}: {shown}")
 
 
-def load_checkpoint(model, source, strict=True, log=print):
+def load_checkpoint(model: jt.Module, source: "Source | Checkpoint", strict: bool = True,
+                    log: Log = print) -> dict[str, Any]:
     """Load a whole-model checkpoint (ours, official CCNet, mmseg CCNet) into ``model``.
 
     strict: missing / unexpected / mis-shaped keys raise a CheckpointError listing them
@@ -242,7 +248,7 @@ def load_checkpoint(model, source, strict=True, log=print):
 _BACKBONE_HINT = ("backbone", "stem", "stem_widths", "stem_pool_ceil", "base_channels", "embed_dims", "depths")
 
 
-def load_backbone_weights(model, source, log=print):
+def load_backbone_weights(model: jt.Module, source: "Source | Checkpoint", log: Log = print) -> dict[str, Any]:
     """``train.py --pretrained``: ImageNet (or a segmentor's) backbone weights into
     ``model.backbone``, or into ``model`` itself when it is a bare backbone (or an ImageNet
     classifier, which then takes the classifier too). Every backbone parameter must be provided

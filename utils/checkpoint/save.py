@@ -4,11 +4,13 @@ import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Mapping
 
 import jittor as jt
+import models
 
 
-def _to_numpy(obj):
+def _to_numpy(obj: Any) -> Any:
     if isinstance(obj, jt.Var):
         return obj.numpy()
     if isinstance(obj, dict):
@@ -19,7 +21,8 @@ def _to_numpy(obj):
     return obj
 
 
-def save_checkpoint(path, state, config=None):
+def save_checkpoint(path: str | os.PathLike, state: jt.Module | Mapping[str, Any],
+                    config: models.ModelConfig | None = None) -> Path:
     """Write ``state`` (a model, or a dict such as {"state_dict", "optimizer", "iteration"}).
 
     ``config``: the ``models.ModelConfig`` the weights belong to (a model brings its own), stored

@@ -9,11 +9,13 @@ so a downloaded file cannot run code.
 """
 import hashlib
 import io
+import os
 import pickle
 import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -83,7 +85,7 @@ class Placeholder:
     """Stands in for an object of a class this reader does not import (kept for inspection)."""
     origin = "?"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args, self.state = args, None
 
     def __setstate__(self, state):
@@ -93,10 +95,10 @@ class Placeholder:
     def __setitem__(self, key, value):
         self.__dict__.setdefault("items", {})[key] = value
 
-    def append(self, value):
+    def append(self, value: Any) -> None:
         self.__dict__.setdefault("values", []).append(value)
 
-    def extend(self, values):
+    def extend(self, values: Iterable) -> None:
         self.__dict__.setdefault("values", []).extend(values)
 
     def __repr__(self):
@@ -252,7 +254,7 @@ def _read_jittor_pickle(path):
                               f"({type(err).__name__}: {err})") from err
 
 
-def read_file(path):
+def read_file(path: str | os.PathLike) -> Any:
     """The object stored in a checkpoint file (a Jittor pickle or a PyTorch file), tensors as numpy."""
     if zipfile.is_zipfile(path):
         return _read_torch_zip(path)
