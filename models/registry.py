@@ -6,7 +6,7 @@ heads never hard-code channel counts.
 """
 from typing import Callable, Iterable
 
-BACKBONES: dict[str, Callable] = {}          # name -> factory(**opts) returning a backbone module
+BACKBONES: dict[str, Callable] = {}    # name -> factory(**opts) returning a backbone module
 BACKBONE_ALIASES: dict[str, str] = {}   # alias -> registered name
 
 

@@ -54,7 +54,7 @@ def open_resume(source: str) -> Checkpoint:
 
 
 class Trainer:
-    """Wires dataset, model, loss, optimiser, schedule, logging and checkpoints for one config."""
+    """Wires dataset, model, loss, optimiser, schedule, logging and checkpoints for one run."""
 
     def __init__(self, config: RunConfig, resumed: Checkpoint | None = None) -> None:
         self.config = config
