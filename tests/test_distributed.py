@@ -46,7 +46,7 @@ def common_flags(data, work_dir):
     return ["--dataset", "folder", "--data-root", str(data), "--backbone", "resnet18",
             "--model-opt", "base_channels=8", "--model-opt", "head_channels=16", "--model-opt", "aux_channels=16",
             "--crop-size", "32", "--batch-size", "4", "--iters", "2", "--lr", "0.002", "--dropout", "0",
-            "--num-workers", "0", "--eval-interval", "0", "--log-interval", "1", "--val-images", "1",
+            "--num-workers", "0", "--eval-interval", "0", "--log-interval", "1", "--eval-max-images", "1",
             "--work-dir", str(work_dir), "--no-progress"]
 
 
