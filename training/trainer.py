@@ -85,10 +85,13 @@ class Trainer:
 
     def _build_data(self):
         config = self.config
-        self.train_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="train",
-                                                mode="train", crop_size=config.crop_size)
-        self.val_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="val",
-                                              mode="test", crop_size=config.crop_size)
+        try:
+            self.train_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="train",
+                                                    mode="train", crop_size=config.crop_size)
+            self.val_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="val",
+                                                  mode="test", crop_size=config.crop_size)
+        except (datasets.DatasetError, FileNotFoundError, NotADirectoryError) as err:
+            raise SystemExit(f"train.py: error: {str(err).strip()}") from None
         self.num_classes = int(self.train_set.num_classes)
         self.batches = BatchStream(self.train_set, config.batch_size, config.seed, self.shard,
                                    num_workers=config.num_workers, prefetch=2)
