@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "into jobs (the LR schedule still follows --iters)")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT_OR_WORK_DIR",
                    help="continue a run: a checkpoint file, or a work dir (uses its latest.pkl)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --work-dir that holds another run: its log, curves and checkpoints "
+                        "are removed first (default: stop and name them; other files are never touched)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 

@@ -38,6 +38,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from utils.outputs import refuse_overwrite
+
 from .ade20k import ADE20KDataset
 from .base import SegDataset, register_dataset
 from .generated import ensure_generated, require_existing_root, set_version
@@ -303,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="train", choices=("train", "val"))
     parser.add_argument("--num", type=int, default=6, help="number of samples to draw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out], args.overwrite, "--out", instead="choose another --out")
+    except FileExistsError as err:
+        parser.error(str(err))
     dataset = DemoDataset(data_root=args.root, seed=args.seed, split=args.split, mode="test")
     picture = sample_grid(dataset, range(min(args.num, dataset.num_samples)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

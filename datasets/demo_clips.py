@@ -33,6 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from utils.outputs import refuse_overwrite
+
 from . import transforms as T
 from .base import (BadSampleError, BadSampleWarning, DatasetError, SegDataset, make_lut, read_image, read_label,
                    register_dataset)
@@ -280,7 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the clip demo set and draw a few clips.")
     parser.add_argument("--out", default="images/demo_clips_samples.png", help="picture to write")
     parser.add_argument("--clips", type=int, default=2, help="how many validation clips to draw")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out], args.overwrite, "--out", instead="choose another --out")
+    except FileExistsError as err:
+        parser.error(str(err))
     dataset = DemoClipsDataset(split="val", mode="test")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sample_grid(dataset, range(args.clips))).save(args.out)

@@ -50,6 +50,7 @@ class RunConfig:
     log_interval: int = 10
     stop_at: int | None = None
     resume: str | None = None
+    overwrite: bool = False
     no_progress: bool = False
 
     def __post_init__(self):
@@ -124,7 +125,7 @@ class RunConfig:
 RENAMED = {"eval_crop": "eval_window", "val_images": "eval_max_images"}
 
 # Settings of one invocation, not of the run: never taken from the checkpoint being resumed.
-NOT_INHERITED = ("resume", "stop_at", "no_progress", "pretrained", "work_dir")
+NOT_INHERITED = ("resume", "stop_at", "no_progress", "pretrained", "work_dir", "overwrite")
 
 
 def _model_settings(resumed: Checkpoint, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import jittor as jt
@@ -23,7 +24,8 @@ from utils import distributed as dist
 from utils.checkpoint import (Checkpoint, CheckpointError, build_model_from_checkpoint, load_backbone_weights,
                               save_checkpoint)
 from utils.evaluation import evaluate
-from utils.logger import TrainLogger
+from utils.logger import CURVES_NAME, LOG_NAME, TrainLogger
+from utils.outputs import temp_files
 from utils.lr import PolyLR
 
 from .config import RunConfig
@@ -31,6 +33,16 @@ from .state import load_optimizer_state, optimizer_state, rng_state, set_rng_sta
 
 LATEST = "latest.pkl"
 BEST = "best.pkl"
+DEBUG = "debug_nonfinite_iter{}.pkl"        # the checkpoint of a step whose loss was not finite
+RUN_FILES = (LOG_NAME, CURVES_NAME, LATEST, BEST, DEBUG.format("*"))   # what a run writes into its work dir
+
+
+def run_files(work_dir: str | os.PathLike) -> list[Path]:
+    """The files of a run (this program's names only) present in ``work_dir``, with temporary
+    files a killed run left behind."""
+    work_dir = Path(work_dir)
+    found = sorted(p for pattern in RUN_FILES for p in work_dir.glob(pattern) if p.is_file())
+    return found + temp_files(work_dir, RUN_FILES)
 
 
 def resume_path(source: str) -> str:
@@ -63,6 +75,7 @@ class Trainer:
         self.stop_requested = False
         self.best_miou = -1.0
         self.start_iter = 0
+        self._claim_work_dir()
         self._check_device()
         self._build_data()
         self._build_model()
@@ -74,6 +87,28 @@ class Trainer:
             self.logger.log({"type": "config", "iter": 0, **config.record()})
 
     # -- set-up ------------------------------------------------------------------------
+    def _claim_work_dir(self):
+        """The work dir holds one run: a fresh run (or a resumed one writing somewhere else than
+        its checkpoint's folder) does not mix its log and checkpoints with another run's files
+        there, unless ``--overwrite`` says to remove them first. Files of other names are kept."""
+        config = self.config
+        work_dir = Path(config.work_dir)
+        if work_dir.exists() and not work_dir.is_dir():
+            raise SystemExit(f"train.py: error: --work-dir {work_dir} is a file, not a folder")
+        continuing = self.resumed is not None and Path(self.resumed.path).resolve().parent == work_dir.resolve()
+        previous = [] if continuing else run_files(work_dir)
+        # rank 0 decides for all: the others must not see the files it starts writing
+        if dist.broadcast_int(int(bool(previous) and not config.overwrite)):
+            names = ", ".join(p.name for p in previous) or "found by rank 0"
+            raise SystemExit(f"train.py: error: --work-dir {work_dir} holds another run ({names}); continue it "
+                             f"with --resume {work_dir}, pass --overwrite to remove that run's files first (no "
+                             f"others), or choose another --work-dir")
+        if previous and self.main:
+            for path in previous:
+                path.unlink()
+            print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in previous)} from {work_dir}",
+                  file=sys.stderr)
+
     def _check_device(self):
         config = self.config
         if config.amp:
@@ -325,8 +360,7 @@ class Trainer:
         return 0 if reason == "--stop-at" else 130
 
     def _diverged(self, iteration, record):
-        name = f"debug_nonfinite_iter{iteration}.pkl"
-        path = self.save(name, iteration)
+        path = self.save(DEBUG.format(iteration), iteration)
         self.logger.log({"type": "event", "iter": iteration, "event": "nonfinite_loss",
                          "loss": record["loss"], "batch": [i for i, _ in self.batches.indices(iteration)]})
         if self.main:
