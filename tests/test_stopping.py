@@ -69,7 +69,7 @@ class Run:
             if condition():
                 return
             time.sleep(poll)
-        self.proc.kill()
+        self.end()
         raise AssertionError("the condition was not met in time")
 
     def stop(self, signum, then=None):
@@ -85,9 +85,14 @@ class Run:
         try:
             _, err = self.proc.communicate(timeout=120)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+            self.end()
         return self.proc.returncode, time.time() - start, err
+
+    def end(self):
+        """SIGTERM, not SIGKILL: Jittor ends the test process when a child of it dies of SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
 
     def leftovers(self):
         time.sleep(0.5)
