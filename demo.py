@@ -159,4 +159,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.supervisor import supervise
+    supervise()     # Ctrl-C / SIGTERM end the run at once and quietly, Jittor's workers with it
     main()

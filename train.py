@@ -17,7 +17,8 @@ import sys
 
 if __name__ == "__main__":
     from utils.supervisor import supervise
-    supervise()     # before Jittor starts: training runs in a child, this process handles Ctrl-C / SIGTERM
+    # before Jittor starts: training runs in a child, this process handles Ctrl-C / SIGTERM
+    supervise(if_killed="nothing saved")
 
 from utils import runtime  # noqa: E402
 

@@ -50,13 +50,13 @@ def alive(pid):
 
 
 class Run:
-    """train.py in a subprocess (the supervisor and its child)."""
+    """train.py (or ``script``) in a subprocess: the supervisor and its child."""
 
-    def __init__(self, argv, grace=None, env=None, launcher=()):
+    def __init__(self, argv, grace=None, env=None, launcher=(), script="train.py"):
         env = dict(os.environ, CCNET_QUIET="1", **(env or {}))
         if grace is not None:
             env["CCNET_STOP_GRACE"] = str(grace)
-        self.proc = subprocess.Popen([*launcher, sys.executable, "train.py"] + argv, cwd=ROOT, env=env, text=True,
+        self.proc = subprocess.Popen([*launcher, sys.executable, script] + argv, cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.processes = []
 
@@ -64,7 +64,7 @@ class Run:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"train.py ended early ({self.proc.returncode}):\n"
+                raise AssertionError(f"the script ended early ({self.proc.returncode}):\n"
                                      + self.proc.communicate()[1][-3000:])
             if condition():
                 return
@@ -290,3 +290,22 @@ def test_stop_under_mpirun_stops_every_rank_at_one_step(data, tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert weights(work / "latest.pkl")[0]["iteration"] == state["iteration"] + 2
+
+
+# ----------------------------------------------------------------------------------- test.py
+def test_ctrl_c_during_test_py_ends_it_quietly(tmp_path):
+    import jittor as jt
+    import models
+    from utils.checkpoint import save_checkpoint
+    data = make_folder_dataset(str(tmp_path / "data"), classes=3, n_train=1, n_val=200, size=128)
+    jt.set_global_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "tiny.pkl", models.build_model("resnet18", 3, base_channels=8,
+                                                                           head_channels=16, aux_channels=16))
+    preds = tmp_path / "preds"
+    run = Run(["--checkpoint", str(checkpoint), "--dataset", "folder", "--data-root", data, "--save-pred",
+               str(preds), "--no-progress"], script="test.py")
+    run.wait_until(lambda: preds.exists() and len(list(preds.glob("*.png"))) >= 2)
+    code, seconds, err = run.stop(signal.SIGINT)
+    assert code == 130 and seconds < SLACK, err
+    assert last_line(err) == "test.py: SIGINT: ended at once" and "Traceback" not in err
+    assert run.leftovers() == []

@@ -57,10 +57,11 @@ def exit_status(signum: int) -> int:
     return 128 + signum
 
 
-def supervise() -> None:
+def supervise(if_killed: str | None = None) -> None:
     """Fork: return in the child, which runs the program; the parent supervises it and exits with
-    its status. Does nothing under ``CCNET_SUPERVISE=0``, under a debugger or tracer, or inside a
-    program that is already supervised."""
+    its status. ``if_killed``: the line's end until the child reports another. Does nothing under
+    ``CCNET_SUPERVISE=0``, under a debugger or tracer, or inside a program that is already
+    supervised."""
     if (os.environ.get("CCNET_SUPERVISE", "1") == "0" or FD_VARIABLE in os.environ or sys.gettrace() is not None
             or not hasattr(os, "fork")):
         return
@@ -74,7 +75,7 @@ def supervise() -> None:
         _become_child(write_end)
         return
     os.close(write_end)
-    sys.exit(_Parent(child, read_end, grace).run())
+    sys.exit(_Parent(child, read_end, grace, if_killed).run())
 
 
 def _become_child(write_end):
@@ -103,9 +104,9 @@ def report(**fields: object) -> None:
 
 
 class _Parent:
-    def __init__(self, child: int, read_end: int, grace: float) -> None:
+    def __init__(self, child: int, read_end: int, grace: float, if_killed: str | None) -> None:
         self.child, self.read_end, self.grace = child, read_end, grace
-        self.state = {"stoppable": False, "if_killed": None, "temporaries": []}
+        self.state = {"stoppable": False, "if_killed": if_killed, "temporaries": []}
         self.buffer = b""
         self.first_signal = None
         self.deadline = None
@@ -177,9 +178,9 @@ class _Parent:
             except OSError:
                 pass
         if launch_rank() == 0:
-            saved = self.state["if_killed"] or "nothing saved"
+            saved = f"; {self.state['if_killed']}" if self.state["if_killed"] else ""
             start = "\n" if sys.stderr.isatty() else ""        # after a progress bar's half line
-            print(f"{start}{os.path.basename(sys.argv[0])}: {why}; {saved}", file=sys.stderr, flush=True)
+            print(f"{start}{os.path.basename(sys.argv[0])}: {why}{saved}", file=sys.stderr, flush=True)
         return exit_status(self.first_signal)
 
 
