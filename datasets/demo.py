@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from utils.outputs import refuse_overwrite
+from utils.supervisor import launch_rank
 
 from .ade20k import ADE20KDataset
 from .base import SegDataset, register_dataset
@@ -203,13 +204,6 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Mapping[str, int
     return info
 
 
-def _mpi_rank():
-    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
-
-
 # What a given --data-root that is not a demo set should be instead.
 ROOT_HINT = ("--data-root is for reading a demo set made earlier; omit it to use $CCNET_HOME/demo "
              "(default ~/.cache/ccnet-jittor/demo), or give an empty folder to generate one there. "
@@ -223,7 +217,7 @@ def ensure_demo(root: str | os.PathLike | None = None, seed: int = 0, splits: Ma
     root = Path(root).expanduser() if root is not None else default_root()
     splits = dict(DEMO_SPLITS if splits is None else splits)
     # Under MPI every rank generates its own copy (a few seconds); only rank 0 reports it.
-    progress = progress and _mpi_rank() == 0
+    progress = progress and launch_rank() == 0
     start = time.time()
     expected = {"version": DEMO_VERSION, "seed": seed, "size": size, "splits": splits}
     entries = ("images", "annotations", INFO_FILE)

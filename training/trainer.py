@@ -25,9 +25,9 @@ from utils.checkpoint import (Checkpoint, CheckpointError, build_model_from_chec
                               save_checkpoint)
 from utils.evaluation import EvaluationStopped, evaluate
 from utils.logger import CURVES_NAME, LOG_NAME, TrainLogger
+from utils.lr import PolyLR
 from utils.outputs import temp_files
 from utils.threads import set_cpu_threads
-from utils.lr import PolyLR
 
 from .config import RunConfig
 from .state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
@@ -79,8 +79,8 @@ class Trainer:
         self.resumed_from = None           # (path, iteration) of the checkpoint this run continues
         self.best_miou = -1.0
         self.start_iter = 0
-        # Ctrl-C, and SIGTERM from a job scheduler or mpirun: finish the step, save, exit. Set
-        # before anything forks (Jittor's compile pool, the loader workers), which inherit it.
+        # Ctrl-C, and SIGTERM from a job scheduler or mpirun: finish the step, save, exit. Processes
+        # forked from now on inherit the handler (see _request_stop).
         self.main_pid = os.getpid()
         self._previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in supervisor.STOP_SIGNALS}
         try:
