@@ -109,6 +109,12 @@ def weights(path):
     return state, {**state["state_dict"], **{"momentum/" + k: v for k, v in state["optimizer"]["momentum_buffers"].items()}}
 
 
+def saved_iteration(path):
+    """The iteration of the checkpoint at ``path`` (None while there is none: it appears by rename)."""
+    from utils.checkpoint import read_checkpoint
+    return read_checkpoint(str(path))["iteration"] if path.exists() else None
+
+
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -189,8 +195,7 @@ def test_stop_during_validation_owes_it_to_the_resumed_run(data, tmp_path):
 
     work = tmp_path / "wd"
     run = Run(tiny_flags(val_heavy, work, **flags), grace=60)
-    run.wait_until(lambda: (work / "log.jsonl").exists() and 2 in train_losses(work), poll=0.01)
-    time.sleep(0.3)                                    # step 2 is logged: then checkpoint 2, validation 2
+    run.wait_until(lambda: saved_iteration(work / "latest.pkl") == 2, poll=0.01)   # validation 2 follows
     code, seconds, err = run.stop(signal.SIGINT)
     assert code == 130 and seconds < SLACK, err
     state, _ = weights(work / "latest.pkl")

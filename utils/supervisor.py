@@ -3,9 +3,10 @@
 A Python signal handler runs only when the main thread executes Python code, and Jittor holds the
 interpreter while it runs a step in C++ (a CCNet-R101 CPU step takes ~30 s) or compiles operators
 in its own process pool (which inherits the handlers). So the entry points call ``supervise()``
-first, before Jittor is imported: the process forks, the child runs the program in a process group
-of its own (its workers, Jittor's compile pool and their compilers with it), and the parent does
-nothing but wait and handle the signals:
+first, before Jittor is imported: the program starts again as a child process (a fresh
+interpreter: nothing is inherited, e.g. a CUDA driver initialised while choosing the device) in a
+process group of its own (its workers, Jittor's compile pool and their compilers with it), and the
+parent does nothing but wait and handle the signals:
 
 * the first SIGINT / SIGTERM goes on to the child when it has said it can stop cleanly
   (``report(stoppable=True)``: the trainer finishes its step, saves and exits); if it has not
@@ -27,6 +28,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 from typing import Iterable
@@ -58,36 +60,26 @@ def exit_status(signum: int) -> int:
 
 
 def supervise(if_killed: str | None = None) -> None:
-    """Fork: return in the child, which runs the program; the parent supervises it and exits with
-    its status. ``if_killed``: the line's end until the child reports another. Does nothing under
-    ``CCNET_SUPERVISE=0``, under a debugger or tracer, or inside a program that is already
-    supervised."""
-    if (os.environ.get("CCNET_SUPERVISE", "1") == "0" or FD_VARIABLE in os.environ or sys.gettrace() is not None
-            or not hasattr(os, "fork")):
+    """Run this program again as a supervised child and exit with its status; returns at once in
+    the child itself, under ``CCNET_SUPERVISE=0`` and under a debugger or tracer. ``if_killed``:
+    the end of the line printed if the child is ended, until the child reports another."""
+    if FD_VARIABLE in os.environ or os.environ.get("CCNET_SUPERVISE", "1") == "0" or sys.gettrace() is not None:
         return
     grace = stop_grace()
     read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    child = os.fork()
-    if child == 0:
-        os.close(read_end)
-        _become_child(write_end)
-        return
+    env = dict(os.environ, **{FD_VARIABLE: str(write_end)})
+    child = subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=(write_end,),
+                             process_group=0, preexec_fn=_die_with_parent)
     os.close(write_end)
-    sys.exit(_Parent(child, read_end, grace, if_killed).run())
+    sys.exit(_Parent(child.pid, read_end, grace, if_killed).run())
 
 
-def _become_child(write_end):
-    parent = os.getppid()
-    os.setpgid(0, 0)                  # out of the terminal's group: Ctrl-C reaches the parent only
-    try:                              # Linux: die with the parent (e.g. SIGKILLed by mpirun)
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+def _die_with_parent():
+    """In the child before it starts: end it when the parent dies (e.g. SIGKILLed by mpirun)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # Linux's PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent:        # the parent is gone already
-        os._exit(1)
-    os.environ[FD_VARIABLE] = str(write_end)
 
 
 def report(**fields: object) -> None:
