@@ -141,13 +141,6 @@ PATCHES = (
 )
 
 
-def _site_file(relative, roots):
-    for root in roots:
-        if (Path(root) / relative).is_file():
-            return Path(root) / relative
-    raise CudaSetupError(f"{relative} not found under {', '.join(map(str, roots))}")
-
-
 def apply_patches(root, patches=PATCHES):
     """Apply ``patches`` to the Jittor sources under ``root`` (a folder holding ``jittor/``).
 
