@@ -62,7 +62,8 @@ def test_gpu_with_cuda12_or_older_uses_jittor_as_installed(monkeypatch, tmp_path
 
 def test_gpu_with_cuda13_runs_the_patched_copy(monkeypatch, tmp_path, fresh_state):
     nvcc = fake_nvcc(tmp_path, "13.0")
-    prepared = cuda_setup.CudaSetup(str(tmp_path / "home" / "bin" / "nvcc"), str(tmp_path / "copy"), {})
+    prepared = cuda_setup.CudaSetup(str(tmp_path / "home" / "bin" / "nvcc"), str(tmp_path / "copy"),
+                                    {"cublas": True, "cudnn": False, "curand": True})
     calls = []
     monkeypatch.setattr(runtime, "_cuda_device_count", lambda: 1)
     monkeypatch.setattr(runtime, "_find_nvcc", lambda: nvcc)
@@ -70,6 +71,7 @@ def test_gpu_with_cuda13_runs_the_patched_copy(monkeypatch, tmp_path, fresh_stat
     state = runtime.configure()
     assert calls and calls[0][0] == nvcc
     assert state["use_cuda"] and "CUDA 13, patched Jittor" in state["device_reason"]
+    assert "without nvidia-cudnn-cu13" in state["device_reason"]      # says what to install
     # Jittor will read the CUDA home and import the patched copy; its downloads are off
     assert os.environ["nvcc_path"] == prepared.nvcc_path and sys.path[0] == prepared.jittor_root
     assert all(os.environ[name] == "0" for name in ("use_nccl", "use_cutt", "use_cutlass"))

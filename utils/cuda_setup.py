@@ -29,7 +29,7 @@ from pathlib import Path
 JITTOR_VERSION = "1.3.11"
 PATCHED_CUDA_MAJOR = 13                # the CUDA major version the patches are written for
 MARKER = "ccnet-jittor cuda13"         # every patched spot carries "<MARKER>: <patch name>"
-# The libraries Jittor's CUDA ops link (convolution, matmul, random numbers) and their wheels.
+# The libraries Jittor's CUDA ops link (matmul, convolution, random numbers) and their pip wheels.
 CUDA_LIBRARIES = {"cublas": "nvidia-cublas", "cudnn": "nvidia-cudnn-cu13", "curand": "nvidia-curand"}
 
 

@@ -85,7 +85,9 @@ def _choose_device():
     except (cuda_setup.CudaSetupError, OSError) as err:
         return DeviceChoice(False, f"{gpus} GPU(s) but CUDA {release[0]} cannot be set up: {err}",
                             gpu_unused=True)
-    return DeviceChoice(True, f"{gpus} GPU(s), {nvcc} (CUDA {release[0]}, patched Jittor)",
+    missing = [cuda_setup.CUDA_LIBRARIES[name] for name, found in prepared.libraries.items() if not found]
+    hint = f"; without {', '.join(missing)} Jittor uses its own slower kernels" if missing else ""
+    return DeviceChoice(True, f"{gpus} GPU(s), {nvcc} (CUDA {release[0]}, patched Jittor{hint})",
                         cuda_setup=prepared)
 
 
