@@ -705,3 +705,13 @@ class CrissCrossAttention3D(CrissCrossAttention):
     what the 2D module computes (the 2D ops are these kernels with T = 1)."""
     rank = 5
     projection_conv = nn.Conv3d
+
+
+def cuda_kernel_sources():
+    """Every CUDA kernel the ops can launch, as (primitive, dtype, cuda_header, cuda_src).
+
+    The three primitives serve the forward and the backward of ca_weight and ca_map, in 2D and
+    3D alike (the 2D ops run the 3D kernels with T = 1); each takes two 5-D inputs and writes one
+    5-D output, in float16, float32 or float64. For compile checks of the CUDA code without a GPU.
+    """
+    return [(kind, dtype) + generate_sources(kind, dtype)[2:] for kind in _KIND_ID for dtype in _ACC_TYPE]
