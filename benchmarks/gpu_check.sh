@@ -141,10 +141,9 @@ jittor_on_cuda() {
 }
 
 train_and_report() {   # WORKDIR [train flags]: 50 demo iterations, then the final validation line
-    local dir=$1 max_images=--eval-max-images; shift
-    grep -rqs -- "$max_images" train.py training || max_images=--val-images   # its older spelling
+    local dir=$1; shift
     rm -rf "$dir"
-    "$PYTHON" train.py --dataset demo --iters 50 --eval-interval 0 "$max_images" 10 --save-interval 50 \
+    "$PYTHON" train.py --dataset demo --iters 50 --eval-interval 0 --eval-max-images 10 --save-interval 50 \
         --log-interval 10 --no-progress --work-dir "$dir" "$@" || return 1
     "$PYTHON" - "$dir" <<'EOF'
 import json, sys
