@@ -369,6 +369,62 @@ def ca_map_3d(attention: jt.Var, value: jt.Var, impl: Optional[str] = None) -> j
     return _map("ca_map_3d", attention, value, 5, impl)
 
 
+def _attend_reference(query, key, value, return_attention):
+    """The -inf-diagonal formulation; builds the contract layout only when asked to."""
+    reference = _REFERENCE_BY_RANK[len(value.shape)]
+    if return_attention:
+        return reference(query, key, value, return_attention=True)
+    return reference(query, key, value), None
+
+
+def _attend_ops(query, key, value, impl, return_attention):
+    """ca_weight, softmax, ca_map as separate ops (the CUDA path, and "elementwise" everywhere)."""
+    rank = len(value.shape)
+    attention = nn.softmax(_weight("criss_cross_attention", query, key, rank, impl), dim=1)
+    return _map("criss_cross_attention", attention, value, rank, impl), attention
+
+
+def _attend_fused_cpu(qkv, x, gamma):
+    """The whole attention and the residual in one CPU kernel each way (module docstring)."""
+    attention_fn = _ModuleAttention()
+    out = attention_fn(_as_5d(qkv), _as_5d(x), gamma)
+    if len(x.shape) == 5:
+        return out, attention_fn.attention
+    return _as_4d(out), _as_4d(attention_fn.attention)
+
+
+def criss_cross_attention(qkv: jt.Var, x: jt.Var, gamma: jt.Var, impl: Optional[str] = None,
+                          return_attention: bool = False) -> Tuple[jt.Var, Optional[jt.Var]]:
+    """x + gamma * ca_map(softmax(ca_weight(Q, K)), V) for Q, K (C' channels each) and V (C
+    channels) stacked along the channels of ``qkv`` [B, 2C' + C, (T,) H, W], x [B, C, (T,) H, W]:
+    what ``CrissCrossAttention`` runs after its projections. Returns (output, attention), the
+    attention being the softmaxed [B, L, (T,) H, W] (None if not ``return_attention`` and the path
+    did not build it anyway)."""
+    rank = len(x.shape)
+    if rank not in _SPATIAL or len(qkv.shape) != rank:
+        raise ValueError(f"criss_cross_attention: x must be {_SPATIAL[4]} or {_SPATIAL[5]} and qkv of the same "
+                         f"rank, got x {_shape(x)}, qkv {_shape(qkv)}")
+    channels = x.shape[1]
+    inner, odd = divmod(qkv.shape[1] - channels, 2)
+    if inner < 1 or odd or qkv.shape[0] != x.shape[0] or qkv.shape[2:] != x.shape[2:]:
+        raise ValueError(f"criss_cross_attention: qkv {_shape(qkv)} must hold 2C' + C channels (C = {channels} "
+                         f"from x {_shape(x)}, C' >= 1) with x's batch and spatial size")
+    if min(x.shape) < 1:
+        raise ValueError(f"criss_cross_attention: empty input x {_shape(x)}")
+    if list(gamma.shape) != [1]:
+        raise ValueError(f"criss_cross_attention: gamma must have shape [1], got {_shape(gamma)}")
+    _check_dtype("criss_cross_attention", qkv, x)
+    impl = _resolve_impl(impl)
+    if impl == "fused" and not jt.flags.use_cuda:
+        return _attend_fused_cpu(qkv, x, gamma)
+    query, key, value = qkv[:, :inner], qkv[:, inner:2 * inner], qkv[:, 2 * inner:]
+    if impl == "reference":
+        out, attention = _attend_reference(query, key, value, return_attention)
+    else:
+        out, attention = _attend_ops(query, key, value, impl, return_attention)
+    return gamma * out + x, attention
+
+
 # ------------------------------------------------------------------------------------------------
 # Modules
 # ------------------------------------------------------------------------------------------------
@@ -414,31 +470,6 @@ class CrissCrossAttention(nn.Module):
         if min(x.shape) < 1:
             raise ValueError(f"{type(self).__name__}({self.in_channels}): empty input, shape {_shape(x)}")
 
-    def _attend(self, query, key, value, impl):
-        if impl == "reference":
-            # the -inf-diagonal formulation: never builds the contract layout unless asked to
-            reference = _REFERENCE_BY_RANK[self.rank]
-            if self.keep_attention:
-                out, attention = reference(query, key, value, return_attention=True)
-                self.last_attention = attention.detach()
-                return out
-            return reference(query, key, value)
-        attention = nn.softmax(_weight(type(self).__name__, query, key, self.rank, impl), dim=1)
-        if self.keep_attention:
-            self.last_attention = attention.detach()
-        return _map(type(self).__name__, attention, value, self.rank, impl)
-
-    def _attend_fused(self, qkv, x):
-        """The CPU path of impl "fused": the whole attention and the residual in one kernel each
-        way (module docstring)."""
-        _check_dtype(type(self).__name__, qkv, x)
-        attention_fn = _ModuleAttention()
-        out = attention_fn(_as_5d(qkv), _as_5d(x), self.gamma)
-        if self.keep_attention:
-            attention = attention_fn.attention
-            self.last_attention = (attention if self.rank == 5 else _as_4d(attention)).detach()
-        return out if self.rank == 5 else _as_4d(out)
-
     def _project(self, x):
         """Q, K, V stacked along the channels [B, C/8 + C/8 + C, ...], from one convolution with the
         three weights stacked: one oneDNN call (and one backward) instead of three; the parameters
@@ -454,13 +485,11 @@ class CrissCrossAttention(nn.Module):
 
     def execute(self, x: jt.Var) -> jt.Var:
         self._check_input(x)
-        impl = _resolve_impl(self.impl)
-        qkv = self._project(x)
-        if impl == "fused" and not jt.flags.use_cuda:
-            return self._attend_fused(qkv, x)
-        inner = self.in_channels // 8
-        out = self._attend(qkv[:, :inner], qkv[:, inner:2 * inner], qkv[:, 2 * inner:], impl)
-        return self.gamma * out + x
+        out, attention = criss_cross_attention(self._project(x), x, self.gamma, self.impl,
+                                               return_attention=self.keep_attention)
+        if self.keep_attention:
+            self.last_attention = attention.detach()
+        return out
 
 
 class CrissCrossAttention3D(CrissCrossAttention):

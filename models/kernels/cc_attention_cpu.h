@@ -311,15 +311,17 @@ void cca_pack_line_attention(const T* A, long S, const CcaLines& f, const CcaLin
         for (int s = 0; s < f.n; ++s) for (int l = 0; l < VL; ++l) P[k * bs + s * ps + s * VL + l] = T(0);
 }
 
-// acc[c][r] = sum_s Z[s][c] * P[s][r] (lanewise) for CB channels x RB outputs, stored to the
-// packed output O[c * oc + r * VL]. The RB attention vectors stay in registers while the CB
-// channels stream through one at a time: 6 x 2 accumulators fit the 16 AVX2 registers.
+// acc[c][r] = sum_s Z[s][c] * P[s][r] (lanewise) over the n positions s of one position block,
+// for CB channels x RB outputs, stored to (or added to) the packed output O[c * oc + r * VL]. The RB
+// attention vectors stay in registers while the CB channels stream through one at a time:
+// 6 x 2 accumulators fit the 16 AVX2 registers.
 template <typename T, int CB, int RB>
-inline void cca_line_aggregate_tile(int n, const T* Z, long zs, const T* P, long ps, T* O, long oc) {
+inline void cca_line_aggregate_tile(int n, const T* Z, long zs, const T* P, long ps, T* O, long oc, bool accumulate) {
     typedef typename CcaVec<T>::type V;
     const int VL = cca_lanes<T>();
     V acc[CB][RB];
-    for (int c = 0; c < CB; ++c) for (int r = 0; r < RB; ++r) acc[c][r] = V{};
+    for (int c = 0; c < CB; ++c)
+        for (int r = 0; r < RB; ++r) acc[c][r] = accumulate ? cca_load<V>(O + c * oc + r * VL) : V{};
     for (int s = 0; s < n; ++s) {
         V p[RB];
         for (int r = 0; r < RB; ++r) p[r] = cca_load<V>(P + s * ps + r * VL);
@@ -331,17 +333,27 @@ inline void cca_line_aggregate_tile(int n, const T* Z, long zs, const T* P, long
     for (int c = 0; c < CB; ++c) for (int r = 0; r < RB; ++r) cca_store(O + c * oc + r * VL, acc[c][r]);
 }
 
-// Packed O[c * oc + r * VL] = sum_s Z[s][c] P[s][r] for one block, c < nc, every output r.
+// Packed O[c * oc + r * VL] = sum_s Z[s][c] P[s][r] for one block, c < nc, every output r. The
+// positions and the outputs run in blocks so that the slice of P they span stays in L1 while
+// every channel tile passes over it (a whole block of P, n x n vectors, only fits L2).
 template <typename T>
 void cca_line_aggregate(int n, const T* Z, long zs, int nc, const T* P, long ps, T* O, long oc) {
-    const int VL = cca_lanes<T>(), CB = 6;
-    for (int c = 0; c < nc; c += CB) {
-        cca_with_size(nc - c < CB ? nc - c : CB, [&](auto cbs) {
-            constexpr int CBS = decltype(cbs)::value;
-            int r = 0;
-            for (; r + 2 <= n; r += 2) cca_line_aggregate_tile<T, CBS, 2>(n, Z + c * VL, zs, P + r * VL, ps, O + c * oc + r * VL, oc);
-            if (r < n) cca_line_aggregate_tile<T, CBS, 1>(n, Z + c * VL, zs, P + r * VL, ps, O + c * oc + r * VL, oc);
-        });
+    const int VL = cca_lanes<T>(), CB = 6, SB = 24, RBLOCK = 16;
+    for (int s0 = 0; s0 < n; s0 += SB) {
+        const int sb = n - s0 < SB ? n - s0 : SB;
+        const T* z0 = Z + s0 * zs; const T* p0 = P + s0 * ps;
+        for (int r0 = 0; r0 < n; r0 += RBLOCK) {
+            const int r1 = n - r0 < RBLOCK ? n : r0 + RBLOCK;
+            for (int c = 0; c < nc; c += CB) {
+                cca_with_size(nc - c < CB ? nc - c : CB, [&](auto cbs) {
+                    constexpr int CBS = decltype(cbs)::value;
+                    int r = r0;
+                    for (; r + 2 <= r1; r += 2)
+                        cca_line_aggregate_tile<T, CBS, 2>(sb, z0 + c * VL, zs, p0 + r * VL, ps, O + c * oc + r * VL, oc, s0 > 0);
+                    if (r < r1) cca_line_aggregate_tile<T, CBS, 1>(sb, z0 + c * VL, zs, p0 + r * VL, ps, O + c * oc + r * VL, oc, s0 > 0);
+                });
+            }
+        }
     }
 }
 
