@@ -332,7 +332,7 @@ def time_alternating(steps, repeats, warmup=2):
 def _nbytes(t):
     if hasattr(t, "element_size"):                      # torch
         return t.numel() * t.element_size()
-    return int(t.numel()) * t.dtype_size()             # jittor
+    return int(t.nbytes)                                # jittor
 
 
 def torch_step_peak_bytes(step):
@@ -525,7 +525,7 @@ def run_versus_torch(section, shapes, dtypes, device, args):
                     child = run_child(["--gpu-memory-child", f"{section}:{impl}:{dtype}",
                                        "--shapes", ",".join(map(str, shape))])
                     row["peak_gpu_mib"] = child["peak_bytes"] / 2 ** 20 if child else float("nan")
-                if section == "kernels":
+                if section == "kernels" and device == "cuda":
                     moved = attention_min_bytes(shape, 2 if dtype == "float16" else 4)
                     row["min_bytes"] = moved
                     row["bandwidth_tbs"] = moved / times[impl] / 1e12
@@ -541,12 +541,6 @@ def run_versus_torch(section, shapes, dtypes, device, args):
 # Output
 # ------------------------------------------------------------------------------------------------
 
-def _ratio(row, rows, base_impl):
-    base = next((r for r in rows if r["shape"] == row["shape"] and r["dtype"] == row["dtype"]
-                 and r["section"] == row["section"] and r["impl"] == base_impl), None)
-    return f"{row['seconds'] / base['seconds']:.2f}x" if base else "-"
-
-
 def print_versus_torch(section, rows, args, device):
     rows = [r for r in rows if r["section"] == section]
     if not rows:
@@ -556,7 +550,7 @@ def print_versus_torch(section, rows, args, device):
     threads = f"{args.threads} CPU threads" if device == "cpu" else "CUDA, synchronised"
     print(f"\n{section}: {title}; {threads}; median of {rows[0]['repeats']} alternated rounds")
     extra = " | peak GPU MiB" if device == "cuda" else ""
-    extra += " | TB/s (of 4.8)" if section == "kernels" else ""
+    extra += f" | TB/s (of {PEAK_BANDWIDTH_TBS})" if section == "kernels" and device == "cuda" else ""
     print(f"| dtype | shape | impl | ms | ours / this{extra} |")
     print("|" + "---|" * (5 + extra.count("|")))
     for row in rows:
@@ -565,7 +559,7 @@ def print_versus_torch(section, rows, args, device):
                  f"{ours['seconds'] / row['seconds']:.2f}"]
         if device == "cuda":
             cells.append(f"{row.get('peak_gpu_mib', float('nan')):.0f}")
-        if section == "kernels":
+        if "bandwidth_tbs" in row:
             cells.append(f"{row['bandwidth_tbs']:.3f} ({row['bandwidth_fraction']:.1%})")
         print("| " + " | ".join(cells) + " |")
 

@@ -250,13 +250,14 @@ struct CcaLineRange {
     int valid(int k, int VL) const { const int rest = lanes - k * VL; return rest < VL ? rest : VL; }
 };
 
-// Splits every plane into ranges of whole blocks: about two tasks per thread, as wide as that
-// allows (wide ranges give long contiguous segments).
+// Splits every plane into ranges of whole blocks: about four tasks per thread (so that a thread
+// that is held up does not hold up the pass), as wide as that allows (wide ranges give long
+// contiguous segments).
 struct CcaLineTasks {
     int ranges, blocks_per_range, blocks; long count;
     CcaLineTasks(const CcaShape& g, const CcaLines& f, int VL) {
         blocks = (f.extent + VL - 1) / VL;
-        const long planes = (long)g.B * f.planes, wanted = 2L * omp_get_num_threads();
+        const long planes = (long)g.B * f.planes, wanted = 4L * omp_get_num_threads();
         long r = (wanted + planes - 1) / planes;
         r = r < 1 ? 1 : r > blocks ? blocks : r;
         blocks_per_range = (int)((blocks + r - 1) / r);
@@ -271,9 +272,10 @@ struct CcaLineTasks {
     }
 };
 
-// Channels per strip chunk: the strips of one block for one chunk stay in L2 during its tiles.
-inline int cca_strip_chunk(int n, int C, int VL) {
-    int chunk = 131072 / (n * VL * 4) / 6 * 6;
+// Channels per strip chunk: the strips of one block for one chunk (n x chunk vectors each) stay
+// in L2 during its tiles.
+inline int cca_strip_chunk(int n, int C) {
+    int chunk = 131072 / (n * CCA_VECTOR_BYTES) / 6 * 6;
     chunk = chunk < 6 ? 6 : chunk;
     return chunk < C ? chunk : C;
 }
@@ -432,7 +434,7 @@ void cca_unpack_line_energy(const T* P, long ps, long bs, const CcaLines& f, con
 template <typename T> struct CcaLinePanels {
     int chunk; long rs, ps, sbs, tbs, obs; std::unique_ptr<T[]> x, y, a, e, o;
     CcaLinePanels(const CcaLines& f, const CcaLineTasks& tasks, int C, bool two_strips, bool attention, bool energies)
-        : chunk(cca_strip_chunk(f.n, C, cca_lanes<T>())), rs(cca_panel_stride(chunk, cca_lanes<T>())),
+        : chunk(cca_strip_chunk(f.n, C)), rs(cca_panel_stride(chunk, cca_lanes<T>())),
           ps(cca_panel_stride(f.n, cca_lanes<T>())), sbs(f.n * rs), tbs(f.n * ps), obs((long)chunk * ps) {
         const long nb = tasks.blocks_per_range;
         x = cca_buffer<T>(nb * sbs);
