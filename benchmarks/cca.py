@@ -325,6 +325,40 @@ def time_alternating(steps, repeats, warmup=2):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+# Where our module step spends its time: Jittor's profiler, ops grouped by what they do.
+PROFILE_GROUPS = (("attention forward kernel", "code«IN_SIZE:3"), ("attention backward kernel", "code«IN_SIZE:4"),
+                  ("projections (matmul / conv)", ("mkl_matmul", "mkl_conv", "cublas", "cudnn")))
+
+
+def profile_module_step(jt, shape, dtype="float32"):
+    """{group: seconds} of one forward + backward of our module (after two warm-up steps)."""
+    step, _ = jittor_module_step(jt, shape, dtype)
+    step()
+    step()
+    with jt.profile_scope(warmup=0, rerun=0) as report:
+        step()
+    header = report[0]
+    name_at, time_at = header.index("Name"), header.index("TotalTime")
+    groups = {name: 0.0 for name, _ in PROFILE_GROUPS}
+    groups["other Jittor ops"] = 0.0
+    for row in report[1:]:
+        group = next((name for name, prefix in PROFILE_GROUPS if row[name_at].startswith(prefix)), "other Jittor ops")
+        groups[group] += float(row[time_at]) / 1e9          # the profiler reports nanoseconds
+    return groups
+
+
+def print_profiles(shapes, device):
+    jt = setup_jittor(device)
+    print(f"\nprofile: one forward + backward of our CrissCrossAttention(C), by op group (Jittor's profiler)")
+    print("| shape | " + " | ".join(name for name, _ in PROFILE_GROUPS) + " | other Jittor ops | total ms |")
+    print("|" + "---|" * (len(PROFILE_GROUPS) + 3))
+    for shape in shapes:
+        groups = profile_module_step(jt, shape)
+        total = sum(groups.values())
+        cells = [f"{seconds * 1e3:.1f} ({seconds / total:.0%})" for seconds in groups.values()]
+        print(f"| {list(shape)} | " + " | ".join(cells) + f" | {total * 1e3:.1f} |")
+
+
 # ------------------------------------------------------------------------------------------------
 # Peak GPU memory of one step (tensor level)
 # ------------------------------------------------------------------------------------------------
@@ -476,6 +510,13 @@ def make_rcca_step(impl, shape, recurrence, threads):
     return step
 
 
+def memory_child_args(impl, shape, recurrence, threads):
+    """Arguments of the fresh process that measures one rcca row's peak memory."""
+    shape_flag = "--shapes3d" if len(shape) == 5 else "--shapes"
+    return ["--memory-child", impl, shape_flag, ",".join(map(str, shape)), "--recurrence", str(recurrence),
+            "--threads", str(threads)]
+
+
 def run_rcca_section(args, jobs, device):
     if device != "cpu":
         raise SystemExit("benchmarks/cca.py: the rcca section (host-memory accounting) is CPU only; "
@@ -490,9 +531,7 @@ def run_rcca_section(args, jobs, device):
         for impl in shape_impls:
             memory = float("nan")
             if not args.no_memory:
-                child = run_child(["--memory-child", impl, "--shapes", ",".join(map(str, shape)),
-                                   "--recurrence", str(args.recurrence), "--threads", str(args.threads)],
-                                  UNCACHED_ALLOCATORS)
+                child = run_child(memory_child_args(impl, shape, args.recurrence, args.threads), UNCACHED_ALLOCATORS)
                 memory = child["peak_mib"] if child else float("nan")
             is_nonlocal = impl.startswith("nonlocal")
             flops = nonlocal_flops(shape) if is_nonlocal else rcca_flops(shape, args.recurrence)
@@ -627,6 +666,8 @@ def build_parser():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS / torch)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every row to FILE as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one step of our module spends its time, by op group")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gpu-memory-child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -665,7 +706,7 @@ def main(argv=None):
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     if args.memory_child:
-        shape = tuple(int(v) for v in args.shapes.split(","))
+        shape = args.shape3d_list[0] if args.shape3d_list else args.shape_list[0]
         print(json.dumps({"peak_mib": measure_rcca_memory_child(args.memory_child, shape, args.recurrence,
                                                                  args.threads)}))
         return
@@ -702,6 +743,8 @@ def main(argv=None):
     for section in ("module", "kernels"):
         print_versus_torch(section, rows, args, device)
     print_rcca(rows, args)
+    if args.profile:
+        print_profiles(args.shape_list, device)
     if args.json:
         write_json(args.json, rows, args)
         print(f"\nrows written to {args.json}")

@@ -32,12 +32,12 @@ The C++ lives in ``models/kernels/`` and is read at import:
   lines side by side in the vector lanes), tested against the elementwise kernels, the plain-Jittor
   reference and finite differences.
 
-On CPU, ``CrissCrossAttention`` (impl "fused") runs its whole attention as one forward and one
-backward kernel: energy, softmax, aggregation and the residual ``x + gamma * out`` in one pass
-structure, reading Q, K and V straight out of the stacked projection. It saves only the projection
-and the attention [B, L, H, W] for backward (no aggregated output: the gradient of gamma comes from
-the same sums that the softmax backward needs); the panels are scratch freed inside the kernels. On
-CUDA the module runs the separate ops (ca_weight, softmax, ca_map) on the CUDA kernels.
+On CPU, ``CrissCrossAttention`` (impl "fused") runs its whole attention, energy, softmax,
+aggregation and the residual ``x + gamma * out``, as one forward and one backward kernel that read
+Q, K and V straight out of the stacked projection (``criss_cross_attention``). Backward keeps only
+the projection and the attention [B, L, H, W] (not the aggregated output: the gradient of gamma
+comes from the same sums that the softmax backward needs); the panels are scratch freed inside the
+kernels. On CUDA the module runs the separate ops (ca_weight, softmax, ca_map) on the CUDA kernels.
 """
 from pathlib import Path
 from typing import Optional, Tuple, Union

@@ -137,3 +137,14 @@ def test_module_and_kernel_rows_and_json(tmp_path):
     for row in rows:
         assert row["shape"] == [1, 16, 5, 6] and row["dtype"] == "float32" and row["seconds"] > 0
         assert "bandwidth_tbs" not in row           # the bandwidth column is a CUDA number
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 40, 40), (1, 32, 3, 24, 24)])
+def test_rcca_memory_child_takes_2d_and_3d_shapes(shape):
+    """The memory child gets its shape back from its own command line (3D through --shapes3d) and
+    sees the step's tensors (large enough to be mapped, so they show in the resident set)."""
+    argv = cca_bench.memory_child_args("fused3d" if len(shape) == 5 else "fused", shape, 2, 1)
+    args = cca_bench.parse_args(argv)
+    assert (args.shape3d_list[0] if args.shape3d_list else args.shape_list[0]) == shape
+    child = cca_bench.run_child(argv, cca_bench.UNCACHED_ALLOCATORS)
+    assert child is not None and child["peak_mib"] > 0

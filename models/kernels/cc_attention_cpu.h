@@ -449,11 +449,12 @@ template <typename T> struct CcaLinePanels {
 // The three primitives (see the common header for their definitions) and their phases
 // ------------------------------------------------------------------------------------------------
 
-// E [B, L, S] = energy(X, Y): row entries.
+// E [B, L, S] = energy(X, Y): row entries. No barrier at the end: the line entries, computed
+// next, are other entries of E.
 template <typename T>
 void cca_phase_row_energy(const CcaShape& g, const CcaMap<T>& X, const CcaMap<T>& Y, T* E) {
     CcaRowScratch<T> s(g, X.C, Y.C);
-    #pragma omp for schedule(dynamic)
+    #pragma omp for schedule(dynamic) nowait
     for (long r = 0; r < (long)g.B * g.T * g.H; ++r) {
         const int b = (int)(r / ((long)g.T * g.H)); const long pos = r % ((long)g.T * g.H) * g.W;
         cca_pack_row(X, b, pos, g.W, s.ld, s.x.get());
@@ -499,25 +500,32 @@ void cca_phase_row_aggregate(const CcaShape& g, const T* A, const CcaMap<T>& Z, 
     }
 }
 
-// out += alpha * (gather or scatter)(A, Z): line entries. Each family runs in its own pass, since
-// columns and temporal lines add into the same outputs.
+// One line aggregation: out += alpha * (gather or scatter)(A, Z), line entries.
+template <typename T> struct CcaLineAggregation {
+    const T* A; CcaMap<T> Z, out; bool scatter; T alpha;
+};
+
+// Runs independent line aggregations (distinct outputs) as one pass. Each family runs in its own
+// pass, since columns and temporal lines add into the same outputs.
 template <typename T>
-void cca_phase_line_aggregate(const CcaShape& g, const T* A, const CcaMap<T>& Z, const CcaMap<T>& out,
-                              bool scatter, T alpha) {
+void cca_phase_line_aggregate(const CcaShape& g, const CcaLineAggregation<T>* jobs, int njobs) {
     const int VL = cca_lanes<T>();
+    int widest = 0;
+    for (int j = 0; j < njobs; ++j) widest = jobs[j].Z.C > widest ? jobs[j].Z.C : widest;
     cca_for_each_line_family(g, [&](const CcaLines& f) {
         const CcaLineTasks tasks(g, f, VL);
-        CcaLinePanels<T> p(f, tasks, Z.C, false, true, false);
+        CcaLinePanels<T> p(f, tasks, widest, false, true, false);
         #pragma omp for schedule(dynamic)
-        for (long task = 0; task < tasks.count; ++task) {
-            const CcaLineRange t = tasks(f, task, VL);
-            cca_pack_line_attention(A + (long)t.b * g.L * g.S, g.S, f, t, scatter, p.ps, p.tbs, p.a.get());
-            for (int c0 = 0; c0 < Z.C; c0 += p.chunk) {
-                const int nc = Z.C - c0 < p.chunk ? Z.C - c0 : p.chunk;
-                cca_pack_strips(Z, f, t, c0, nc, p.rs, p.sbs, p.x.get());
+        for (long task = 0; task < njobs * tasks.count; ++task) {
+            const CcaLineAggregation<T>& job = jobs[task / tasks.count];
+            const CcaLineRange t = tasks(f, task % tasks.count, VL);
+            cca_pack_line_attention(job.A + (long)t.b * g.L * g.S, g.S, f, t, job.scatter, p.ps, p.tbs, p.a.get());
+            for (int c0 = 0; c0 < job.Z.C; c0 += p.chunk) {
+                const int nc = job.Z.C - c0 < p.chunk ? job.Z.C - c0 : p.chunk;
+                cca_pack_strips(job.Z, f, t, c0, nc, p.rs, p.sbs, p.x.get());
                 for (int k = 0; k < t.blocks; ++k)
                     cca_line_aggregate(f.n, p.x.get() + k * p.sbs, p.rs, nc, p.a.get() + k * p.tbs, p.ps, p.o.get() + k * p.obs, p.ps);
-                cca_unpack_aggregate(p.o.get(), p.ps, p.obs, f, t, out, c0, nc, alpha);
+                cca_unpack_aggregate(p.o.get(), p.ps, p.obs, f, t, job.out, c0, nc, job.alpha);
             }
         }
     });
@@ -542,7 +550,8 @@ void cca_cpu_aggregate(T* A, T* Z, T* O, int B, int C, int TT, int H, int W, boo
     #pragma omp parallel
     {
         cca_phase_row_aggregate(g, A, z, o, scatter, (const CcaMap<T>*)nullptr, T(1));
-        cca_phase_line_aggregate(g, A, z, o, scatter, T(1));
+        const CcaLineAggregation<T> job{A, z, o, scatter, T(1)};
+        cca_phase_line_aggregate(g, &job, 1);
     }
 }
 
@@ -576,7 +585,8 @@ void cca_cpu_attention_forward(T* qkv, T* x, T gamma, T* out, T* A, int B, int C
             cca_pack_row_attention(a, g.S, g.W, pos, false, s.ld, s.a.get());
             cca_row_aggregate(g, s, o, b, pos, &in, gamma);
         }
-        cca_phase_line_aggregate(g, A, v, o, false, gamma);
+        const CcaLineAggregation<T> job{A, v, o, false, gamma};
+        cca_phase_line_aggregate(g, &job, 1);
     }
 }
 
@@ -645,8 +655,8 @@ void cca_cpu_attention_backward(T* qkv, T* A, T* G, T gamma, T* dqkv, double* dg
                 cca_row_aggregate(g, s, dk, b, pos, (const CcaMap<T>*)nullptr, T(1));
             }
         }
-        cca_phase_line_aggregate(g, D.get(), k, dq, false, T(1));
-        cca_phase_line_aggregate(g, D.get(), q, dk, true, T(1));
+        const CcaLineAggregation<T> jobs[2] = {{D.get(), k, dq, false, T(1)}, {D.get(), q, dk, true, T(1)}};
+        cca_phase_line_aggregate(g, jobs, 2);
     }
     double gamma_grad = 0;
     for (long r = 0; r < rows; ++r) gamma_grad += row_gamma_grad[r];
