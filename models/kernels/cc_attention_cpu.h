@@ -9,8 +9,8 @@
 //   lines) run side by side in the vector lanes, so each lane does its own small matrix product.
 // Each task copies the rows or line strips it reads into small contiguous panels first: with
 // power-of-two sizes the channel stride of an NCHW tensor maps every channel onto the same cache
-// sets, and the panels also pad rows to whole vectors. Needs cca_line_channel from the common
-// header.
+// sets, and the panels also pad rows to whole vectors. Needs cca_line_source / cca_line_channel
+// from the common header.
 #ifndef CCA_CPU_H
 #define CCA_CPU_H
 #include <cmath>
