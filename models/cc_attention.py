@@ -412,10 +412,13 @@ def criss_cross_attention(qkv: jt.Var, x: jt.Var, gamma: jt.Var, impl: Optional[
         raise ValueError(f"criss_cross_attention: empty input x {_shape(x)}")
     if list(gamma.shape) != [1]:
         raise ValueError(f"criss_cross_attention: gamma must have shape [1], got {_shape(gamma)}")
-    _check_dtype("criss_cross_attention", qkv, x)
+    _check_dtype("criss_cross_attention", qkv)
     impl = _resolve_impl(impl)
     if impl == "fused" and not jt.flags.use_cuda:
+        _check_dtype("criss_cross_attention", qkv, x)     # one kernel reads both
         return _attend_fused_cpu(qkv, x, gamma)
+    # Under mixed precision the projections may hand float16 Q, K, V while x stays float32: the
+    # residual sum below promotes, as the rest of the network does.
     query, key, value = qkv[:, :inner], qkv[:, inner:2 * inner], qkv[:, 2 * inner:]
     if impl == "reference":
         out, attention = _attend_reference(query, key, value, return_attention)

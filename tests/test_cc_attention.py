@@ -392,6 +392,19 @@ def test_criss_cross_attention_returns_the_attention():
     np.testing.assert_allclose(attention.numpy(), expected / expected.sum(1, keepdims=True), rtol=1e-12, atol=1e-15)
 
 
+def test_criss_cross_attention_unfused_paths_promote_a_mixed_residual():
+    """Under mixed precision on CUDA the projections hand float16 Q, K, V while x stays float32; the
+    unfused paths (the ones CUDA runs) then promote in the residual instead of refusing. Checked
+    here with float32 projections and a float64 x against the all-float64 result."""
+    rng = np.random.default_rng(14)
+    qkv, x, gamma, _ = _attention_inputs(rng, (1, 6, 5, 4), 2, "float64")
+    expected, _ = criss_cross_attention(qkv, x, gamma, impl="reference")
+    for impl in ("elementwise", "reference"):
+        out, _ = criss_cross_attention(qkv.float32(), x, gamma.float32(), impl=impl)
+        assert str(out.dtype) == "float64"
+        assert rel_err(out.numpy(), expected.numpy()) <= 1e-6, impl
+
+
 def test_fused_module_is_deterministic():
     """Same inputs, same bits: the kernels' reductions do not depend on the thread schedule."""
     rng = np.random.default_rng(13)
