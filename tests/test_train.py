@@ -214,6 +214,7 @@ def test_stop_and_resume_replays_the_uninterrupted_run_exactly(data, tmp_path):
     whole = tmp_path / "whole"
     out = run_train(tiny_flags(data, whole, **{"--num-workers": 1}))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "Warning" not in out.stderr, "a library warning the user cannot act on:\n" + out.stderr
     split = tmp_path / "split"
     out = run_train(tiny_flags(data, split, **{"--num-workers": 1, "--stop-at": 4}))
     assert out.returncode == 0, out.stderr[-3000:]
