@@ -9,6 +9,7 @@
 #   diagnostics   GPU, driver, nvcc, Python, memory, where the NVIDIA pip libraries are
 #   install       .gpu_wheels/*.whl into a private folder first on PYTHONPATH (numpy 1.26 for
 #                 Jittor; the machine's own numpy 2 stays installed for everything else)
+#   packages      the machine's matplotlib, Pillow, tqdm, pytest and torch load beside numpy 1.26
 #   jittor        python -m utils.env_check: Jittor's first build for CUDA (patched for CUDA 13
 #                 by utils.cuda_setup); must report device=cuda
 #   cuda_tests    tests/test_cuda.py (fused op vs float64 reference and finite differences,
@@ -106,7 +107,7 @@ bench() {
 
 diagnostics() {
     local gpu nvcc_release
-    gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1)
+    gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
     nvcc_release=$(nvcc --version 2>&1 | grep -o "release [0-9.]*")
     command -v nvcc g++; g++ --version | head -n 1
     ls /usr/bin/python3*-config "$(dirname "$(command -v "$PYTHON")")"/python3*-config 2>/dev/null
@@ -164,6 +165,8 @@ check diagnostics 60 "^summary:" diagnostics
 if check install 120 "installed" install_wheels; then
     export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# the machine's own packages, built for its numpy 2, must load with numpy 1.26 first on the path
+check packages 60 "loaded" "$PYTHON" -c "import matplotlib, PIL, tqdm, pytest, torch; print('loaded: matplotlib', matplotlib.__version__, 'torch', torch.__version__)"
 export CCNET_REQUIRE_CUDA=1 PYTHONUNBUFFERED=1
 check jittor 300 "ccnet-jittor:" jittor_on_cuda
 NVIDIA_TF32_OVERRIDE=0 check cuda_tests 240 "passed|failed|error" "$PYTHON" -m pytest -q -s -rs -p no:cacheprovider \
