@@ -24,6 +24,7 @@ import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor import nn
 
 from . import register_backbone
+from .norm_act import BatchNormAct, relu
 
 # output_stride -> (stride, dilation) of layer1..layer4
 STRIDE_PLANS = {
@@ -57,16 +58,15 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
         self.conv1 = conv3x3(in_channels, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNormAct(planes, "relu")
         self.conv2 = conv3x3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNormAct(planes, "identity")
         self.downsample = downsample
 
     def execute(self, x):
-        out = nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return nn.relu(out + shortcut)
+        return relu(out + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -76,19 +76,18 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNormAct(planes, "relu")
         self.conv2 = conv3x3(planes, planes, stride, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNormAct(planes, "relu")
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNormAct(planes * self.expansion, "identity")
         self.downsample = downsample
 
     def execute(self, x):
-        out = nn.relu(self.bn1(self.conv1(x)))
-        out = nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return nn.relu(out + shortcut)
+        return relu(out + shortcut)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -117,17 +116,17 @@ class ResNet(nn.Module):
 
         if stem == "deep":
             self.conv1 = conv3x3(3, base_channels, stride=2)
-            self.bn1 = nn.BatchNorm2d(base_channels)
+            self.bn1 = BatchNormAct(base_channels, "relu")
             self.conv2 = conv3x3(base_channels, base_channels)
-            self.bn2 = nn.BatchNorm2d(base_channels)
+            self.bn2 = BatchNormAct(base_channels, "relu")
             self.conv3 = conv3x3(base_channels, 2 * base_channels)
-            self.bn3 = nn.BatchNorm2d(2 * base_channels)
+            self.bn3 = BatchNormAct(2 * base_channels, "relu")
             # ceil mode as the official code: a 97-pixel side gives 49 -> 25, not 24.
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
             in_channels = 2 * base_channels
         else:
             self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(base_channels)
+            self.bn1 = BatchNormAct(base_channels, "relu")
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             in_channels = base_channels
 
@@ -154,16 +153,15 @@ class ResNet(nn.Module):
         if stride != 1 or in_channels != out_channels:
             downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels))
+                BatchNormAct(out_channels, "identity"))
         blocks = [block_type(in_channels, planes, stride, dilations[0], downsample)]
         blocks += [block_type(out_channels, planes, 1, d) for d in dilations[1:]]
         return nn.Sequential(*blocks)
 
     def execute_stem(self, x):
-        x = nn.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x))
         if self.stem == "deep":
-            x = nn.relu(self.bn2(self.conv2(x)))
-            x = nn.relu(self.bn3(self.conv3(x)))
+            x = self.bn3(self.conv3(self.bn2(self.conv2(x))))
         return self.maxpool(x)
 
     def execute(self, x):
