@@ -357,6 +357,19 @@ class BatchStream:
             self._pool = None
 
 
+# ----------------------------------------------------------------------------------- step
+def sgd_step(optimizer, loss):
+    """Gradients of ``loss`` and the SGD update, executed; then the gradients are dropped.
+
+    Jittor's optimizer keeps them in ``param_groups[i]["grads"]`` until the next step, so the
+    next forward pass would run with a parameter-sized buffer that nothing reads again (PyTorch's
+    ``zero_grad(set_to_none=True)`` frees the same). The next ``step`` creates them afresh."""
+    optimizer.step(loss)
+    jt.sync_all(True)
+    for group in optimizer.param_groups:
+        group.pop("grads", None)
+
+
 # ----------------------------------------------------------------------------------- state
 def optimizer_state(optimizer, names):
     """Momentum buffers by parameter name (Jittor's own optimizer.state_dict() omits them)."""
@@ -555,8 +568,7 @@ class Trainer:
         record = {"loss": means["loss"], "lr": lr, **means}
         if not math.isfinite(record["loss"]):
             return record, waited, None
-        self.optimizer.step(loss)
-        jt.sync_all(True)
+        sgd_step(self.optimizer, loss)
         return record, waited, time.perf_counter() - start
 
     def evaluate(self, iteration):
