@@ -1,6 +1,7 @@
 """BatchNormAct and relu (models/norm_act.py): outputs, gradients and running statistics equal
 Jittor's nn.BatchNorm2d + activation (op-by-op autodiff), gradients match finite differences in
-float64, eval mode uses the running statistics, 2 MPI ranks equal one process on the whole batch,
+float64, eval mode uses the running statistics, with the CPU kernels and with the Jittor-op
+version (what runs on CUDA), 2 MPI ranks equal one process on the whole batch,
 bad activation names are reported."""
 import os
 import shutil
@@ -14,10 +15,18 @@ import pytest
 import jittor as jt
 from jittor import nn
 
+from models import norm_act
 from models.norm_act import BatchNormAct, relu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN_ACT = {"relu": nn.relu, "leaky_relu": lambda x: nn.leaky_relu(x, 0.01), "identity": lambda x: x}
+
+
+@pytest.fixture(params=["cpu kernels", "jittor ops"])
+def implementation(request, monkeypatch):
+    """Both ways the passes run: the OpenMP kernels (CPU) and the Jittor ops (the CUDA path)."""
+    monkeypatch.setattr(norm_act, "use_cpu_kernels", request.param == "cpu kernels")
+    return request.param
 
 
 def make_pair(activation, channels=3, seed=0):
@@ -31,7 +40,7 @@ def make_pair(activation, channels=3, seed=0):
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
-def test_training_step_equals_batchnorm_then_activation(activation):
+def test_training_step_equals_batchnorm_then_activation(activation, implementation):
     rng = np.random.RandomState(1)
     x_np = (rng.randn(2, 3, 5, 7) * 2 + 1).astype(np.float32)
     upstream = jt.array(rng.randn(2, 3, 5, 7).astype(np.float32))
@@ -49,7 +58,7 @@ def test_training_step_equals_batchnorm_then_activation(activation):
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", "identity"])
-def test_gradient_matches_finite_differences_float64(activation):
+def test_gradient_matches_finite_differences_float64(activation, implementation):
     rng = np.random.RandomState(2)
     x_np = rng.randn(2, 2, 3, 3)
     upstream = rng.randn(2, 2, 3, 3)
@@ -74,7 +83,7 @@ def test_gradient_matches_finite_differences_float64(activation):
     np.testing.assert_allclose(grad, numeric, atol=1e-6)
 
 
-def test_eval_mode_uses_running_statistics():
+def test_eval_mode_uses_running_statistics(implementation):
     ours, plain = make_pair("leaky_relu")
     for module in (ours, plain):
         module.running_mean.update(jt.array(np.array([0.5, -1.0, 2.0], np.float32)))
