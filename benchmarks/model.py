@@ -2,7 +2,7 @@
 
     python benchmarks/model.py                                   # CPU: R-101, 150 classes, 1x512x512
     python benchmarks/model.py --rounds 2 --steps 2              # alternate the frameworks twice
-    python benchmarks/model.py --allocators uncached             # tensor-level memory (see below)
+    python benchmarks/model.py --jittor-tensor-peak --no-torch   # Jittor's own tensor accounting
     python benchmarks/model.py --device cuda --json out.json     # GPU: ADE20K (512, batch 8) and
                                                                  # Cityscapes (769, batch 4) rows
     python benchmarks/model.py --device cuda --amp               # the same in mixed precision
@@ -27,9 +27,11 @@ and peak memory:
 * CUDA: the peak of the GPU's used memory (NVML, sampled every millisecond by a helper process,
   what nvidia-smi shows) minus what was in use before the process started, for both frameworks;
   PyTorch's own ``max_memory_allocated`` is printed beside it.
-``--allocators uncached`` runs both with the caching allocators out of the way (Jittor's
-``use_sfrl_allocator=0``; glibc's ``MALLOC_MMAP_THRESHOLD_=65536``, so blocks of 64 KiB and more go
-back to the OS when freed): the CPU peak then follows the live tensors.
+``--jittor-tensor-peak`` adds, for Jittor, the peak of the memory held by live variables during
+the timed steps (its memory profiler, ``profile_memory_enable``), without what the caching
+allocator keeps in reserve; the profiler slows those steps, so their times are
+not the step's. (Turning Jittor's caching allocator off instead, ``use_sfrl_allocator=0``, gives
+wrong results in Jittor 1.3.11: a fused gather after a log-softmax returns zeros.)
 
 This module also serves as the independent PyTorch reference of tests/test_ccnet.py.
 """
@@ -228,13 +230,12 @@ def copy_jittor_to_torch(jt_model, torch_model):
 # Step configurations: name -> (classes, crop, batch). CPU runs the first by default, CUDA both.
 CONFIGS = {"ade20k": (150, 512, 1), "cityscapes": (19, 769, 4)}
 CUDA_BATCH = {"ade20k": 8, "cityscapes": 4}
-UNCACHED_ALLOCATORS = {"use_sfrl_allocator": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 IGNORED_FRACTION = 0.05
 SGD = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 AUX_WEIGHT = 0.4
 
 
-def _status_mib(field):
+def status_mib(field):
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -242,7 +243,7 @@ def _status_mib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
     with open("/proc/self/clear_refs", "w") as clear:      # VmHWM := VmRSS
         clear.write("5")
 
@@ -334,7 +335,15 @@ def measure_jittor(job, sampler):
         sgd_step(optimizer, loss)
         return terms["loss"]
 
-    return _measure(job, step, sum(int(np.prod(p.shape)) for p in params), sampler)
+    def after_warmup():
+        reset_peak_rss()
+        jt.flags.profile_memory_enable = int(job["tensor_peak"])
+
+    result = _measure(job, step, sum(int(np.prod(p.shape)) for p in params), sampler, after_warmup)
+    if job["tensor_peak"]:
+        # the report starts with the bytes of all live variables at the peak, then lists them
+        result["jittor_tensor_peak_mib"] = int(jt.get_max_memory_info().split("[!@#div1!@#]")[0]) / 2 ** 20
+    return result
 
 
 def measure_torch(job, sampler):
@@ -380,12 +389,12 @@ def measure_torch(job, sampler):
     return result
 
 
-def _measure(job, step, n_params, sampler):
-    walls, cpus, losses = _time_steps(step, job["steps"], after_warmup=_reset_peak_rss)
+def _measure(job, step, n_params, sampler, after_warmup=reset_peak_rss):
+    walls, cpus, losses = _time_steps(step, job["steps"], after_warmup=after_warmup)
     result = dict(framework=job["framework"], config=job["config"], backbone=job["backbone"],
                   device=job["device"], amp=job["amp"], classes=job["classes"], crop=job["crop"],
                   batch=job["batch"], params=n_params, step_s=walls, cpu_s=cpus, losses=losses,
-                  peak_rss_mib=_status_mib("VmHWM"))
+                  peak_rss_mib=status_mib("VmHWM"))
     if sampler:
         result["peak_device_mib"] = sampler.stop() / 2 ** 20
     return result
@@ -394,10 +403,8 @@ def _measure(job, step, n_params, sampler):
 MEASURE = {"jittor": measure_jittor, "torch": measure_torch}
 
 
-def _run_worker(job, allocators):
+def _run_worker(job):
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), CCNET_QUIET="1")
-    if allocators == "uncached":
-        env.update(UNCACHED_ALLOCATORS)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     for line in reversed(done.stdout.splitlines()):
@@ -436,8 +443,8 @@ def parse_args(argv=None):
                         help="CPU threads for both frameworks (default: OMP_NUM_THREADS or all cores)")
     parser.add_argument("--output-stride", type=int, default=8, choices=(8, 16, 32),
                         help="backbone output stride (default 8, as CCNet)")
-    parser.add_argument("--allocators", choices=("default", "uncached"), default="default",
-                        help="'uncached': no caching allocators, CPU peak = live tensors (see above)")
+    parser.add_argument("--jittor-tensor-peak", action="store_true",
+                        help="also Jittor's peak of live-tensor memory (its profiler; slows the timed steps)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     parser.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -492,10 +499,10 @@ def run(args):
                         job = dict(framework=framework, config=name, backbone=backbone, classes=classes,
                                    crop=crop, batch=batch, device=args.device, amp=args.amp,
                                    steps=args.steps, threads=args.threads, weights=weights,
-                                   output_stride=args.output_stride)
+                                   output_stride=args.output_stride, tensor_peak=args.jittor_tensor_peak)
                         print(f"  {framework} {backbone} {name} round {round_index + 1}/{args.rounds} ...",
                               file=sys.stderr, flush=True)
-                        results.append(_run_worker(job, args.allocators))
+                        results.append(_run_worker(job))
     return results
 
 
@@ -519,8 +526,6 @@ def summarize(results):
 
 def print_tables(args, rows):
     memory = "peak GPU memory (NVML)" if args.device == "cuda" else "peak RSS"
-    if args.allocators == "uncached":
-        memory += ", caching allocators off"
     precision = "mixed precision" if args.amp else "fp32"
     print(f"\nCCNet R=2 training step (forward + SegLoss + backward + SGD), {args.device}, {precision}, "
           f"{args.threads} CPU threads, median of {args.steps} step(s) x {args.rounds} process(es) per framework")
@@ -534,6 +539,9 @@ def print_tables(args, rows):
               f"{row['images_per_s']:.3g} | {row['memory'] / 1024:.2f} GiB{ratio('memory')} | {row['losses'][0]:.4f} |")
         if "torch_max_allocated_mib" in row:
             print(f"|   | (torch max_memory_allocated: {row['torch_max_allocated_mib'] / 1024:.2f} GiB) | | | | | | | |")
+        if "jittor_tensor_peak_mib" in row:
+            print(f"|   | (jittor live-tensor peak: {row['jittor_tensor_peak_mib'] / 1024:.2f} GiB; "
+                  f"times slowed by the profiler) | | | | | | | |")
     if args.device == "cuda":
         print_recipe_estimate(rows)
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} (other jobs inflate wall times, not CPU times)")
@@ -568,7 +576,7 @@ def main(argv=None):
     print_tables(args, rows)
     if args.json:
         record = dict(argv=sys.argv[1:], load_average=os.getloadavg(), threads=args.threads,
-                      device=args.device, amp=args.amp, allocators=args.allocators, results=results,
+                      device=args.device, amp=args.amp, results=results,
                       summary=[{k: v for k, v in row.items()} for row in rows.values()])
         with open(args.json, "w") as out:
             json.dump(record, out, indent=1)

@@ -19,6 +19,9 @@ Choices the segmentation literature made and that we keep configurable:
   dilation, bridging from the previous stage's sampling grid. Off in the official code.
 * The stride of a bottleneck sits on its 3x3 conv (official code, torchvision >= 0.2 "v1.5").
 * ``base_channels`` (default 64) scales every width, so tests can build tiny networks.
+
+Each BatchNorm and the ReLU after it are one ``BatchNormAct`` (models/norm_act.py: same parameter
+names, a backbone that keeps less for backward); the ReLU after a residual sum is its ``relu``.
 """
 import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor import nn

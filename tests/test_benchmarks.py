@@ -1,6 +1,6 @@
 """benchmarks/model.py: argument checks (CUDA absent is a one-line error, never a CPU fallback),
 the step configurations and schedule estimate of the GPU table, and one tiny end-to-end run of both
-frameworks."""
+frameworks; benchmarks/inference.py: argument checks and a tiny run."""
 import importlib.util
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "model.py")
+INFERENCE_SCRIPT = os.path.join(ROOT, "benchmarks", "inference.py")
 
 
 def load_benchmark():
@@ -20,8 +21,8 @@ def load_benchmark():
     return module
 
 
-def run(*argv, timeout=60):
-    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=timeout,
+def run(*argv, timeout=60, script=SCRIPT):
+    return subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=dict(os.environ, CCNET_QUIET="1"))
 
 
@@ -71,7 +72,7 @@ def test_tiny_run_of_both_frameworks(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"
     done = run("--backbones", "resnet18", "--crop", "48", "--classes", "5", "--steps", "1", "--threads", "1",
-               "--json", str(out), timeout=600)
+               "--jittor-tensor-peak", "--json", str(out), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
     jittor, torch_row = sorted(record["results"], key=lambda r: r["framework"])
@@ -81,4 +82,30 @@ def test_tiny_run_of_both_frameworks(tmp_path):
     assert jittor["losses"][0] == pytest.approx(torch_row["losses"][0], rel=0.05)
     for row in (jittor, torch_row):
         assert len(row["step_s"]) == 1 and row["step_s"][0] > 0 and row["peak_rss_mib"] > 100
+    assert 0 < jittor["jittor_tensor_peak_mib"] < jittor["peak_rss_mib"]
     assert "| custom 5 cls, 48px, batch 1 | jittor | resnet18 |" in done.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--images", "0"], "--images must be >= 1, got 0"),
+    (["--width", "-1"], "--width must be >= 1, got -1"),
+    (["--backbone", "van_b2"], "invalid choice: 'van_b2'"),
+])
+def test_inference_bad_arguments_are_rejected(argv, message):
+    done = run(*argv, script=INFERENCE_SCRIPT)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_inference_tiny_run_of_both_frameworks(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "inference.json"
+    done = run("--backbone", "resnet18", "--classes", "4", "--height", "40", "--width", "53", "--images", "1",
+               "--threads", "1", "--json", str(out), timeout=600, script=INFERENCE_SCRIPT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"jittor", "torch"}
+    for row in summary.values():
+        assert row["images_per_s"] > 0 and row["cpu_s_per_image"] > 0 and row["peak_rss_mib"] > 100
+    # same weights, same images: the same predictions (random weights, so accuracy is near chance)
+    assert summary["jittor"]["pixel_accuracy"] == pytest.approx(summary["torch"]["pixel_accuracy"], abs=1e-3)
+    assert "| jittor |" in done.stdout and "| torch |" in done.stdout
