@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from utils import runtime
+from utils.cli import add_renamed_flag
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, URL or model-zoo name")
@@ -36,16 +37,19 @@ def parse_args(argv=None):
     parser.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--recurrence", type=int, default=None, help="criss-cross loops (default: checkpoint's, else 2)")
     parser.add_argument("--mode", choices=("whole", "slide"), default="whole")
-    parser.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N")
-    parser.add_argument("--stride", type=int, nargs="+", default=None, metavar="N")
+    parser.add_argument("--window", type=int, nargs="+", default=None, metavar="N",
+                        help="sliding-window size (one int or H W); needed with --mode slide")
+    add_renamed_flag(parser, "--crop-size", "--window", type=int, nargs="+")
+    parser.add_argument("--stride", type=int, nargs="+", default=None, metavar="N",
+                        help="sliding-window stride (default: 2/3 of the window)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay")
     parser.add_argument("--attention", type=int, nargs=2, default=None, metavar=("X", "Y"),
                         help="also draw the attention of image pixel (X, Y) after one and two loops")
     args = parser.parse_args(argv)
-    if args.mode == "slide" and not args.crop_size:
-        parser.error("--mode slide needs --crop-size")
+    if args.mode == "slide" and not args.window:
+        parser.error("--mode slide needs --window")
     return args
 
 
@@ -90,17 +94,19 @@ def main(argv=None):
     args = parse_args(argv)
     runtime.activate()
     from datasets.transforms import normalize
-    from utils.evaluation import ModelLoadError, load_model_for_inference
+    from utils.checkpoint import CheckpointError, build_model_from_checkpoint
     from utils.inference import inference
     from utils import visualize
 
     images = list_images(args.input)
     class_names, palette = dataset_info(args.dataset)
-    try:    # classes: --num-classes, else the checkpoint's own
-        model, info = load_model_for_inference(args.checkpoint, args.num_classes, args.backbone, args.recurrence)
-    except ModelLoadError as err:
+    try:    # the checkpoint's own architecture and classes, with what the flags say instead
+        model = build_model_from_checkpoint(
+            args.checkpoint, dict(backbone=args.backbone, num_classes=args.num_classes, recurrence=args.recurrence),
+            log=None)
+    except CheckpointError as err:
         fail(str(err))
-    num_classes = info["num_classes"]
+    num_classes, recurrence = model.config.num_classes, model.config.recurrence
     if len(class_names) != num_classes:
         print(f"note: the checkpoint has {num_classes} classes, --dataset {args.dataset} has "
               f"{len(class_names)}: using class numbers", file=sys.stderr)
@@ -108,9 +114,8 @@ def main(argv=None):
     if len(palette) < num_classes:      # deterministic extra colours for classes beyond the palette
         rng = np.random.default_rng(0)
         palette = palette + rng.integers(0, 256, (num_classes - len(palette), 3)).tolist()
-    if args.attention and (info["recurrence"] < 2 or getattr(model.head, "cca", None) is None):
-        fail(f"--attention draws loops 1 and 2: it needs a model with recurrence >= 2 "
-             f"(this one has {info['recurrence']})")
+    if args.attention and recurrence < 2:
+        fail(f"--attention draws loops 1 and 2: it needs a model with recurrence >= 2 (this one has {recurrence})")
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +123,7 @@ def main(argv=None):
         rgb = read_rgb(path)
         image = normalize(rgb)
         try:
-            scores = inference(model, image, mode=args.mode, crop_size=args.crop_size, stride=args.stride,
+            scores = inference(model, image, mode=args.mode, crop_size=args.window, stride=args.stride,
                                scales=args.scales, flip=args.flip)
         except ValueError as err:
             fail(f"{path}: {err}")

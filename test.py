@@ -6,7 +6,7 @@ Examples::
     python test.py --checkpoint work_dirs/demo_clips/best.pkl --dataset demo_clips   # clip model (temporal)
     python test.py --checkpoint ccnet_r101_ade20k.pkl --dataset ade20k --data-root data/ADEChallengeData2016 \\
         --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip --out results.json --save-pred preds/
-    python test.py --checkpoint city.pkl --dataset cityscapes --mode slide --crop-size 769 --stride 513
+    python test.py --checkpoint city.pkl --dataset cityscapes --mode slide --window 769 --stride 513
     mpirun -np 2 python test.py ...          # images split over ranks, confusion matrices summed
 
 Exit status 2 (with a one-paragraph message, no traceback) for bad flags, a checkpoint that does
@@ -20,13 +20,14 @@ import sys
 from pathlib import Path
 
 from utils import runtime
+from utils.cli import add_renamed_flag
 
 # mmsegmentation's test-time resize (keep ratio) per dataset; others are evaluated at native size.
 DEFAULT_BASE_SIZE = {"ade20k": (2048, 512)}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="test.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint file, URL or model-zoo name")
@@ -40,10 +41,11 @@ def parse_args(argv=None):
     parser.add_argument("--recurrence", type=int, default=None,
                         help="criss-cross loops R (default: the checkpoint's, else 2)")
     parser.add_argument("--mode", choices=("whole", "slide"), default="whole", help="inference mode")
-    parser.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N",
+    parser.add_argument("--window", type=int, nargs="+", default=None, metavar="N",
                         help="sliding-window size (one int or H W); needed with --mode slide")
+    add_renamed_flag(parser, "--crop-size", "--window", type=int, nargs="+")
     parser.add_argument("--stride", type=int, nargs="+", default=None, metavar="N",
-                        help="sliding-window stride (default: 2/3 of the crop, the official 1/3 overlap)")
+                        help="sliding-window stride (default: 2/3 of the window, the official 1/3 overlap)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")
     parser.add_argument("--average", choices=("prob", "logit"), default="prob",
@@ -57,9 +59,9 @@ def parse_args(argv=None):
                         help="write label-map PNGs (dataset encoding) and colour overlays here")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    if args.mode == "slide" and not args.crop_size:
-        parser.error("--mode slide needs --crop-size")
-    for name in ("crop_size", "stride", "base_size"):
+    if args.mode == "slide" and not args.window:
+        parser.error("--mode slide needs --window")
+    for name in ("window", "stride", "base_size"):
         value = getattr(args, name)
         if value is not None and len(value) not in (1, 2):
             parser.error(f"--{name.replace('_', '-')} takes one or two ints, got {value}")
@@ -131,7 +133,7 @@ def write_json(path, result, class_names, args, backbone, recurrence):
                       for name, iou, acc in zip(class_names, result["IoU"], result["Acc"])},
         "config": {"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
                    "backbone": backbone, "recurrence": recurrence, "mode": args.mode,
-                   "crop_size": args.crop_size, "stride": args.stride, "scales": args.scales,
+                   "window": args.window, "stride": args.stride, "scales": args.scales,
                    "flip": args.flip, "average": args.average, "base_size": resolve_base_size(args)},
         "fractions": "all metrics are fractions in [0, 1]; null = class absent from GT and prediction",
     }
@@ -149,7 +151,9 @@ def main(argv=None):
     from utils import distributed as dist
     is_main = dist.is_main()
     import datasets
-    from utils.evaluation import ModelLoadError, evaluate, load_model_for_inference, one_paragraph
+    from utils.checkpoint import CheckpointError, build_model_from_checkpoint
+    from utils.cli import one_paragraph
+    from utils.evaluation import evaluate
 
     try:
         dataset = datasets.build_dataset(args.dataset, data_root=args.data_root, split=args.split, mode="test")
@@ -161,17 +165,18 @@ def main(argv=None):
     class_names = list(dataset.CLASSES)
     if len(class_names) != num_classes:
         class_names = [f"class {i}" for i in range(num_classes)]
-    try:
-        model, info = load_model_for_inference(args.checkpoint, num_classes, args.backbone, args.recurrence,
-                                               log=lambda line: print(line, file=sys.stderr) if is_main else None)
-    except ModelLoadError as err:
+    try:     # the checkpoint's own architecture, with what the flags say instead
+        model = build_model_from_checkpoint(
+            args.checkpoint, dict(backbone=args.backbone, num_classes=num_classes, recurrence=args.recurrence),
+            log=lambda line: print(line, file=sys.stderr) if is_main else None)
+    except CheckpointError as err:
         fail(str(err))
-    backbone, recurrence = info["backbone"], info["recurrence"]
+    backbone, recurrence = model.config.backbone, model.config.recurrence
 
     indices = range(min(args.max_images, len(dataset.samples))) if args.max_images else None
     writer = PredictionWriter(args.save_pred, dataset) if args.save_pred else None
     try:
-        result = evaluate(model, dataset, mode=args.mode, crop_size=args.crop_size, stride=args.stride,
+        result = evaluate(model, dataset, mode=args.mode, crop_size=args.window, stride=args.stride,
                           scales=args.scales, flip=args.flip, base_size=resolve_base_size(args),
                           average=args.average, on_prediction=writer, indices=indices,
                           num_classes=num_classes, progress=not args.no_progress)

@@ -10,8 +10,8 @@
 
 The step is the one train.py runs: forward, ``SegLoss`` (cross-entropy, ignore 255, + 0.4 x the
 auxiliary loss, logits upsampled to the label), the loss read back (train.py stops on NaN), then
-the gradients and the SGD update with momentum 0.9 and weight decay 5e-4 (``train.sgd_step``). The
-PyTorch twin (``build_torch_ccnet`` below: same layers, same parameter names, einsum criss-cross
+the gradients and the SGD update with momentum 0.9 and weight decay 5e-4
+(``training.step.sgd_step``). The PyTorch twin (``build_torch_ccnet`` below: same layers, same parameter names, einsum criss-cross
 attention) starts from the same weights (copied from the Jittor model), sees the same image and
 labels (5% ignored) and runs zero_grad(set_to_none=True), forward, the same loss, ``loss.item()``,
 backward and ``torch.optim.SGD`` with the same settings; with ``--amp``, torch.autocast + GradScaler
@@ -316,7 +316,7 @@ def measure_jittor(job, sampler):
         jt.flags.auto_mixed_precision_level = 4          # as train.py --amp
     from models import build_model
     from models.losses import SegLoss
-    from train import sgd_step
+    from training.step import sgd_step
 
     jt.set_global_seed(0)
     model = build_model(job["backbone"], job["classes"], recurrence=2, output_stride=job["output_stride"])

@@ -6,7 +6,7 @@ set generated on first use). See base.py for the common behaviour (batching thro
 """
 import warnings
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
+from utils import runtime  # noqa: F401  (sets Jittor's environment before any dataset file imports it)
 
 # `python -m datasets.demo` runs a module this package has already imported; runpy's warning
 # about that is harmless here (registration tolerates the second run).

@@ -5,6 +5,7 @@ Annotation PNGs store 0 for "other/unlabelled" and 1..150 for the classes; like 
 """
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,26 +79,26 @@ class ADE20KDataset(SegDataset):
     DOWNLOAD = ("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip "
                 "(unzip it and pass the ADEChallengeData2016 folder as the data root)")
 
-    def __init__(self, data_root=None, **kwargs):
+    def __init__(self, data_root: str | os.PathLike | None = None, **kwargs: Any) -> None:
         root = Path(data_root if data_root is not None else self.DEFAULT_ROOT).expanduser()
         if not (root / "images").is_dir() and (root / "ADEChallengeData2016" / "images").is_dir():
             root = root / "ADEChallengeData2016"   # the folder that holds the unzipped archive
         super().__init__(data_root=root, **kwargs)
 
-    def split_folder(self):
+    def split_folder(self) -> str:
         if self.split not in SPLIT_FOLDERS:
             raise ValueError(f"{type(self).__name__}: unknown split {self.split!r}; "
                              f"valid splits: train, val")
         return SPLIT_FOLDERS[self.split]
 
-    def scan(self):
+    def scan(self) -> list[tuple[Path, Path]]:
         folder = self.split_folder()
         image_dir = self.require_dir(self.data_root / "images" / folder, "image")
         label_dir = self.require_dir(self.data_root / "annotations" / folder, "annotation")
         return self.pair_files(list_images(image_dir), list_images(label_dir, (".png",)),
                                image_dir, label_dir)
 
-    def label_lut(self, label_path):
+    def label_lut(self, label_path: str | os.PathLike | None) -> np.ndarray:
         # reduce_zero_label: 0 -> ignore, k -> k-1 for k = 1..C; anything above C is invalid.
         if getattr(self, "_lut", None) is None:
             mapping = {0: IGNORE_INDEX}
@@ -105,6 +106,6 @@ class ADE20KDataset(SegDataset):
             self._lut = make_lut(mapping)
         return self._lut
 
-    def encode_train_ids(self, pred):
+    def encode_train_ids(self, pred: np.ndarray) -> np.ndarray:
         """Train ids 0..C-1 -> ADE20K annotation values 1..C (uint8)."""
         return (pred + 1).astype(np.uint8)

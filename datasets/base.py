@@ -20,11 +20,11 @@ import multiprocessing as mp
 import os
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 from jittor.dataset import Dataset
 
 from . import transforms as T
@@ -35,9 +35,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DATASETS = {}        # name -> SegDataset subclass
 
 
-def register_dataset(name):
+def register_dataset(name: str) -> Callable[[type], type]:
     """Class decorator: make a dataset available to ``build_dataset(name, ...)``."""
-    def wrap(cls):
+    def wrap(cls: type) -> type:
         if name in DATASETS:
             if DATASETS[name].__qualname__ == cls.__qualname__:
                 return cls        # the same module run again (python -m datasets.demo): keep the first
@@ -48,8 +48,9 @@ def register_dataset(name):
     return wrap
 
 
-def build_dataset(name, data_root=None, split="train", mode="train", crop_size=None, base_size=None,
-                  **options):
+def build_dataset(name: str, data_root: str | os.PathLike | None = None, split: str = "train", mode: str = "train",
+                  crop_size: int | Sequence[int] | None = None, base_size: Sequence[int] | None = None,
+                  **options: Any) -> "SegDataset":
     """Build a registered dataset (``DATASETS``: ade20k, cityscapes, folder, demo).
 
     ``crop_size`` / ``base_size`` of None mean the dataset's own defaults (e.g. ADE20K crop 512,
@@ -87,7 +88,7 @@ def _listing(paths, limit=8):
 
 
 # --------------------------------------------------------------------------------- file reading
-def read_image(path):
+def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 [H, W, 3]; BadSampleError naming the file when it cannot be decoded."""
     try:
         with Image.open(path) as image:
@@ -99,7 +100,7 @@ def read_image(path):
             f"(jpg/png); the file may be truncated or corrupt.") from None
 
 
-def read_label(path):
+def read_label(path: str | os.PathLike) -> np.ndarray:
     """Single-channel label map [H, W] (uint8/uint16/int32) exactly as stored on disk."""
     try:
         with Image.open(path) as image:
@@ -117,7 +118,8 @@ def read_label(path):
         f"indices first.")
 
 
-def list_images(folder, suffixes=IMAGE_SUFFIXES, recursive=False):
+def list_images(folder: str | os.PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                recursive: bool = False) -> dict[str, Path]:
     """{relative stem: path} of the files in ``folder`` ending with one of ``suffixes``."""
     folder = Path(folder)
     found = {}
@@ -172,9 +174,11 @@ class SegDataset(Dataset):
     LAYOUT = ""                    # expected on-disk layout, shown when files are missing
     DOWNLOAD = ""                  # where to get the data, shown when files are missing
 
-    def __init__(self, data_root=None, split="train", mode="train", crop_size=None, base_size=None,
-                 ratio_range=None, cat_max_ratio=0.75, flip_prob=0.5, photometric=True,
-                 skip_bad=False, batch_size=1, shuffle=None, num_workers=0, drop_last=False):
+    def __init__(self, data_root: str | os.PathLike | None = None, split: str = "train", mode: str = "train",
+                 crop_size: int | Sequence[int] | None = None, base_size: Sequence[int] | None = None,
+                 ratio_range: Sequence[float] | None = None, cat_max_ratio: float = 0.75, flip_prob: float = 0.5,
+                 photometric: bool = True, skip_bad: bool = False, batch_size: int = 1,
+                 shuffle: bool | None = None, num_workers: int = 0, drop_last: bool = False) -> None:
         super().__init__(batch_size=batch_size, shuffle=(mode == "train") if shuffle is None else shuffle,
                          num_workers=num_workers, drop_last=drop_last)
         if mode not in ("train", "test"):
@@ -201,14 +205,14 @@ class SegDataset(Dataset):
         self.set_attrs(total_len=len(self.samples))
 
     # --------------------------------------------------------------------------- subclass API
-    def scan(self):
+    def scan(self) -> list[tuple[str | Path, str | Path]]:
         raise NotImplementedError
 
-    def label_lut(self, label_path):
+    def label_lut(self, label_path: str | os.PathLike | None) -> np.ndarray:
         """int32 lookup table: on-disk label value -> train id (0..C-1, 255 = ignore, -1 = invalid)."""
         raise NotImplementedError
 
-    def encode_prediction(self, pred):
+    def encode_prediction(self, pred: np.ndarray) -> np.ndarray:
         """Train-id prediction [H, W] -> label map in the dataset's on-disk encoding."""
         pred = np.asarray(pred)
         if pred.size and (pred.min() < 0 or pred.max() >= self.num_classes):
@@ -216,21 +220,21 @@ class SegDataset(Dataset):
                              f"got {pred.min()}..{pred.max()}")
         return self.encode_train_ids(pred)
 
-    def encode_train_ids(self, pred):
+    def encode_train_ids(self, pred: np.ndarray) -> np.ndarray:
         """The dataset's own encoding of valid train ids (numpy array in 0..C-1)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ attributes
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
         return len(self.CLASSES)
 
     @property
-    def num_samples(self):
+    def num_samples(self) -> int:
         return len(self.samples)
 
     @property
-    def skipped_count(self):
+    def skipped_count(self) -> int:
         """How many times a bad sample was skipped so far (all worker processes together)."""
         return self._skipped.value
 
@@ -247,7 +251,7 @@ class SegDataset(Dataset):
             text += "\nDownload: " + self.DOWNLOAD
         return text
 
-    def require_dir(self, path, what):
+    def require_dir(self, path: str | os.PathLike, what: str) -> Path:
         """Raise DatasetNotFoundError (with the expected layout) unless ``path`` is a folder."""
         path = Path(path)
         if not self.data_root.is_dir():
@@ -259,7 +263,8 @@ class SegDataset(Dataset):
                 + self._layout_help())
         return path
 
-    def pair_files(self, images, labels, image_dir, label_dir):
+    def pair_files(self, images: Mapping[str, Path], labels: Mapping[str, Path], image_dir: Path,
+                   label_dir: Path) -> list[tuple[Path, Path]]:
         """Pair ``{key: image_path}`` with ``{key: label_path}``; unpaired files are an error
         (or, with skip_bad, dropped with a warning). Returns sorted [(image, label)]."""
         lonely_images = [images[k] for k in images.keys() - labels.keys()]
@@ -282,7 +287,7 @@ class SegDataset(Dataset):
         return [(str(images[k]), str(labels[k])) for k in sorted(images.keys() & labels.keys())]
 
     # --------------------------------------------------------------------------------- loading
-    def map_label(self, raw, label_path):
+    def map_label(self, raw: np.ndarray, label_path: str | os.PathLike | None) -> np.ndarray:
         """On-disk values -> int32 train ids, or BadSampleError naming the invalid values."""
         lut = self.label_lut(label_path)
         raw = np.asarray(raw)
@@ -296,11 +301,11 @@ class SegDataset(Dataset):
                                  f"{self.valid_label_text(label_path)}")
         return mapped.astype(np.int32, copy=False)
 
-    def valid_label_text(self, label_path):
+    def valid_label_text(self, label_path: str | os.PathLike | None) -> str:
         valid = np.flatnonzero(self.label_lut(label_path) >= 0)
         return f"expected values in {{{_ranges(valid)}}}"
 
-    def load_raw(self, index):
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(RGB uint8 [H, W, 3], label int32 [H, W] train ids / 255), no augmentation.
 
         Raises BadSampleError for a bad sample even with skip_bad (callers that skip: ``iter_raw``).
@@ -314,7 +319,7 @@ class SegDataset(Dataset):
                 f"{label_path} is {raw.shape[1]}x{raw.shape[0]}; expected the same size.")
         return rgb, self.map_label(raw, label_path)
 
-    def iter_raw(self):
+    def iter_raw(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield (index, rgb, label) for every sample (``load_raw``); with skip_bad, bad ones are
         skipped with a warning and counted, and a summary warning comes at the end."""
         skipped = 0
@@ -370,7 +375,7 @@ class SegDataset(Dataset):
         self._warn_summary(self._skipped.value - before)
 
     # ----------------------------------------------------------------------------- visualising
-    def colorize(self, label):
+    def colorize(self, label: np.ndarray) -> np.ndarray:
         """Train-id label [H, W] -> RGB uint8 picture with the dataset palette (ignore = black)."""
         from utils.visualize import colorize
         return colorize(label, self.PALETTE, self.ignore_index)
@@ -389,7 +394,7 @@ def _ranges(values):
     return ", ".join(parts)
 
 
-def make_lut(mapping, size=256):
+def make_lut(mapping: Mapping[int, int], size: int = 256) -> np.ndarray:
     """int32 lookup table of ``size`` entries from {disk value: train id}; the rest -1 (invalid)."""
     lut = np.full(size, -1, dtype=np.int32)
     for value, train_id in mapping.items():

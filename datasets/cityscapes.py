@@ -7,6 +7,8 @@ Predictions are written back as label ids, the format of the official evaluation
 """
 import os
 from collections import namedtuple
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +86,7 @@ class CityscapesDataset(SegDataset):
     DOWNLOAD = ("https://www.cityscapes-dataset.com/downloads/ (free account): leftImg8bit_trainvaltest.zip "
                 "and gtFine_trainvaltest.zip, unzipped into the same folder")
 
-    def __init__(self, data_root=None, label_type="auto", **kwargs):
+    def __init__(self, data_root: str | os.PathLike | None = None, label_type: str = "auto", **kwargs: Any) -> None:
         if label_type not in ("auto", *LABEL_SUFFIXES):
             raise ValueError(f"label_type must be auto, labelIds or labelTrainIds, got {label_type!r}")
         self.label_type = label_type
@@ -94,7 +96,7 @@ class CityscapesDataset(SegDataset):
         }
         super().__init__(data_root=data_root, **kwargs)
 
-    def scan(self):
+    def scan(self) -> list[tuple[Path, Path]]:
         image_dir = self.require_dir(self.data_root / "leftImg8bit" / self.split, "image")
         label_dir = self.require_dir(self.data_root / "gtFine" / self.split, "label")
         images = {}
@@ -108,11 +110,11 @@ class CityscapesDataset(SegDataset):
                 labels[path.parent.name + "/" + path.name[:-len(suffix)]] = path
         return self.pair_files(images, labels, image_dir, label_dir)
 
-    def label_lut(self, label_path):
+    def label_lut(self, label_path: str | os.PathLike | None) -> np.ndarray:
         if label_path is not None and str(label_path).endswith(LABEL_SUFFIXES["labelTrainIds"]):
             return self._luts["labelTrainIds"]
         return self._luts["labelIds"]
 
-    def encode_train_ids(self, pred):
+    def encode_train_ids(self, pred: np.ndarray) -> np.ndarray:
         """Train ids 0..18 -> Cityscapes label ids (uint8), as the evaluation server expects."""
         return TRAIN_ID_TO_ID[pred]

@@ -34,12 +34,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .ade20k import ADE20KDataset
-from .base import register_dataset
+from .base import SegDataset, register_dataset
 
 DEMO_VERSION = 4           # bump when the generator changes: cached sets are then regenerated
 DEMO_SIZE = 128
@@ -70,7 +71,7 @@ NEUTRAL_GREY = (110, 110, 110)
 FAR_FRACTION = 0.625       # disc centres right of / square centres below this fraction of the size
 
 
-def default_root(name="demo"):
+def default_root(name: str = "demo") -> Path:
     """``$CCNET_HOME/<name>``, default ``~/.cache/ccnet-jittor/demo`` (generated sets live there)."""
     home = os.environ.get("CCNET_HOME") or os.path.join("~", ".cache", "ccnet-jittor")
     return Path(home).expanduser() / name
@@ -93,7 +94,7 @@ def _noisy(rng, shape, colour, sigma):
     return np.asarray(colour, np.float32) + rng.normal(0.0, sigma, size=shape + (3,)).astype(np.float32)
 
 
-def make_sample(rng, size=DEMO_SIZE):
+def make_sample(rng: np.random.Generator, size: int = DEMO_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """One (rgb uint8 [S, S, 3], label uint8 [S, S] of class indices) pair."""
     s, f = size, FRAME
     yy, xx = np.mgrid[0:s, 0:s]
@@ -168,7 +169,8 @@ def _write_png(array, path):
     Image.fromarray(array).save(path, format="PNG", compress_level=6)
 
 
-def generate(out_dir, seed=0, splits=None, size=DEMO_SIZE, progress=True):
+def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Mapping[str, int] | None = None, size: int = DEMO_SIZE,
+             progress: bool = True) -> dict:
     """Write the demo set into ``out_dir`` (which must not exist yet)."""
     splits = dict(DEMO_SPLITS if splits is None else splits)
     out_dir = Path(out_dir)
@@ -214,7 +216,7 @@ def _info_matches(root, seed, splits, size):
             info.get("size") == size and info.get("splits") == dict(splits))
 
 
-def generate_atomically(root, build, is_current):
+def generate_atomically(root: Path, build: Callable[[Path], object], is_current: Callable[[Path], bool]) -> Path:
     """Create a generated folder ``root`` with ``build(path)`` without ever exposing half of it.
 
     ``build`` writes into a temporary sibling folder that is renamed into place at the end, so an
@@ -242,7 +244,8 @@ def generate_atomically(root, build, is_current):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_demo(root=None, seed=0, splits=None, size=DEMO_SIZE, progress=True):
+def ensure_demo(root: str | os.PathLike | None = None, seed: int = 0, splits: Mapping[str, int] | None = None,
+                size: int = DEMO_SIZE, progress: bool = True) -> Path:
     """Return the demo folder, generating it first (atomically, see ``generate_atomically``) if
     missing or made by another version."""
     root = Path(root) if root is not None else default_root()
@@ -277,17 +280,18 @@ class DemoDataset(ADE20KDataset):
     DEFAULT_RATIO_RANGE = (0.75, 1.0)
     DOWNLOAD = "nothing to download: the demo set is generated (datasets/demo.py)"
 
-    def __init__(self, data_root=None, seed=0, splits=None, **kwargs):
+    def __init__(self, data_root: str | os.PathLike | None = None, seed: int = 0,
+                 splits: Mapping[str, int] | None = None, **kwargs: Any) -> None:
         root = ensure_demo(data_root, seed=seed, splits=splits)
         super().__init__(data_root=root, **kwargs)
 
     @property
-    def context_class_names(self):
+    def context_class_names(self) -> tuple[str, ...]:
         return tuple(self.CLASSES[c] for c in self.CONTEXT_CLASSES)
 
 
 # ------------------------------------------------------------------------------------- picture
-def sample_grid(dataset, indices, scale=2):
+def sample_grid(dataset: SegDataset, indices: Sequence[int], scale: int = 2) -> np.ndarray:
     """A PNG-ready picture: per sample, the image and its coloured label side by side, and a
     legend below (context-dependent classes marked with *)."""
     from PIL import ImageDraw
@@ -316,7 +320,7 @@ def sample_grid(dataset, indices, scale=2):
     return canvas
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the demo set and draw a few samples.")
     parser.add_argument("--out", default="images/demo_samples.png", help="PNG to write")
     parser.add_argument("--root", default=None, help="demo folder (default $CCNET_HOME/demo)")

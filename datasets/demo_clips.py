@@ -24,8 +24,10 @@ along T. ``python -m datasets.demo_clips --out images/demo_clips_samples.png`` d
 import argparse
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -66,7 +68,8 @@ def _place(free, mask, margin=3):
     return True
 
 
-def make_clip(rng, size=CLIP_SIZE, clip_len=CLIP_LEN):
+def make_clip(rng: np.random.Generator, size: int = CLIP_SIZE,
+              clip_len: int = CLIP_LEN) -> tuple[np.ndarray, np.ndarray]:
     """One clip: (rgb uint8 [T, S, S, 3], label uint8 [T, S, S] of class indices)."""
     yy, xx = np.mgrid[0:size, 0:size]
     base = rng.uniform([70, 80, 55], [125, 125, 100])
@@ -114,7 +117,8 @@ def make_clip(rng, size=CLIP_SIZE, clip_len=CLIP_LEN):
     return frames, labels
 
 
-def generate(out_dir, seed=0, splits=None, size=CLIP_SIZE, clip_len=CLIP_LEN):
+def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Mapping[str, int] | None = None, size: int = CLIP_SIZE,
+             clip_len: int = CLIP_LEN) -> dict:
     """Write the clip set into ``out_dir`` (which must not exist yet); returns its info dict."""
     splits = dict(CLIP_SPLITS if splits is None else splits)
     out_dir = Path(out_dir)
@@ -141,7 +145,8 @@ def _info_matches(root, expected):
     return all(info.get(k) == v for k, v in expected.items())
 
 
-def ensure_demo_clips(root=None, seed=0, splits=None, size=CLIP_SIZE, clip_len=CLIP_LEN):
+def ensure_demo_clips(root: str | os.PathLike | None = None, seed: int = 0, splits: Mapping[str, int] | None = None,
+                      size: int = CLIP_SIZE, clip_len: int = CLIP_LEN) -> Path:
     """Return the clip folder, generating it first (atomically: ``demo.generate_atomically``) if
     missing or made by another version."""
     root = Path(root) if root is not None else _demo_root("demo_clips")
@@ -161,10 +166,11 @@ class SameForAllFrames:
     labels [T, h, w]. Exact only while the draws do not depend on the pixels, which is why clips
     are cropped with ``cat_max_ratio=1`` (no content-dependent re-draws)."""
 
-    def __init__(self, transform):
+    def __init__(self, transform: Callable) -> None:
         self.transform = transform
 
-    def __call__(self, frames, labels, rng):
+    def __call__(self, frames: np.ndarray, labels: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         outputs = [self.transform(frame, label, copy.deepcopy(rng)) for frame, label in zip(frames, labels)]
         return np.stack([o[0] for o in outputs]), np.stack([o[1] for o in outputs])
 
@@ -190,7 +196,8 @@ class DemoClipsDataset(SegDataset):
               "    validation/clip_00000/...      (label PNGs: class index per pixel, 255 = ignore)")
     DOWNLOAD = "nothing to download: the clip set is generated (datasets/demo_clips.py)"
 
-    def __init__(self, data_root=None, seed=0, splits=None, cat_max_ratio=1.0, **kwargs):
+    def __init__(self, data_root: str | os.PathLike | None = None, seed: int = 0,
+                 splits: Mapping[str, int] | None = None, cat_max_ratio: float = 1.0, **kwargs: Any) -> None:
         if cat_max_ratio < 1.0:
             raise ValueError(f"DemoClipsDataset: cat_max_ratio={cat_max_ratio} would crop each frame of a "
                              f"clip differently (its re-draws depend on the labels); use 1.0")
@@ -199,7 +206,7 @@ class DemoClipsDataset(SegDataset):
         super().__init__(data_root=data_root, cat_max_ratio=cat_max_ratio, **kwargs)
         self.train_transform = SameForAllFrames(self.train_transform)
 
-    def scan(self):
+    def scan(self) -> list[tuple[str, str]]:
         split_dir = self.require_dir(self.data_root / SPLIT_FOLDERS.get(self.split, self.split), "clip")
         samples, lengths = [], {}
         for clip_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
@@ -224,16 +231,16 @@ class DemoClipsDataset(SegDataset):
             raise DatasetError(message + self._layout_help())
         warnings.warn(f"skip_bad=True: skipping {message}", BadSampleWarning, stacklevel=3)
 
-    def label_lut(self, label_path):
+    def label_lut(self, label_path: str | os.PathLike | None) -> np.ndarray:
         # label values are class indices already; one table serves every frame
         if getattr(self, "_lut", None) is None:
             self._lut = make_lut({**{i: i for i in range(len(CLIP_CLASSES))}, self.ignore_index: self.ignore_index})
         return self._lut
 
-    def encode_train_ids(self, pred):
+    def encode_train_ids(self, pred: np.ndarray) -> np.ndarray:
         return np.asarray(pred).astype(np.uint8)
 
-    def load_raw(self, index):
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         clip_dir = Path(self.samples[index][0])
         frames, labels = [], []
         for t in range(self.clip_len):
@@ -255,7 +262,7 @@ class DemoClipsDataset(SegDataset):
 
 
 # ------------------------------------------------------------------------------------- picture
-def sample_grid(dataset, indices, scale=2):
+def sample_grid(dataset: SegDataset, indices: Sequence[int], scale: int = 2) -> np.ndarray:
     """RGB picture: per clip, its frames on one row and their colourised labels below."""
     rows = []
     for index in indices:
@@ -266,7 +273,7 @@ def sample_grid(dataset, indices, scale=2):
     return np.asarray(Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST))
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the clip demo set and draw a few clips.")
     parser.add_argument("--out", default="images/demo_clips_samples.png", help="picture to write")
     parser.add_argument("--clips", type=int, default=2, help="how many validation clips to draw")

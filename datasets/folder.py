@@ -17,8 +17,10 @@ Mask values are class indices 0..C-1 and ``ignore_index`` (default 255); with
 ``reduce_zero_label`` the masks use 1..C for the classes and 0 for "ignore" (ADE20K style).
 """
 import json
+import os
 import warnings
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -29,7 +31,7 @@ META_KEYS = {"classes", "palette", "ignore_index", "reduce_zero_label"}
 MASK_DIR_NAMES = ("masks", "labels", "annotations")
 
 
-def default_palette(n):
+def default_palette(n: int) -> list[list[int]]:
     """n distinct colours (PASCAL VOC's bit-interleaving scheme), class 0 black."""
     palette = []
     for index in range(n):
@@ -56,9 +58,10 @@ class FolderDataset(SegDataset):
               "  classes: classes=[...] / num_classes=N, or {root}/classes.json "
               "{{\"classes\": [...], \"palette\": [[r,g,b], ...]}}")
 
-    def __init__(self, data_root=None, img_dir="images", mask_dir=None, list_file=None,
-                 classes=None, num_classes=None, palette=None, ignore_index=None,
-                 reduce_zero_label=None, meta_file=None, **kwargs):
+    def __init__(self, data_root: str | os.PathLike | None = None, img_dir: str = "images", mask_dir: str | None = None,
+                 list_file: str | None = None, classes: Sequence[str] | None = None, num_classes: int | None = None,
+                 palette: Sequence[Sequence[int]] | None = None, ignore_index: int | None = None,
+                 reduce_zero_label: bool | None = None, meta_file: str | None = None, **kwargs: Any) -> None:
         if data_root is None:
             raise DatasetNotFoundError("the folder dataset needs data_root (the folder holding "
                                        "images/ and masks/)\nExpected layout:\n" +
@@ -136,7 +139,7 @@ class FolderDataset(SegDataset):
                 return self.data_root / name
         return self.require_dir(self.data_root / names[0], "mask")
 
-    def scan(self):
+    def scan(self) -> list[tuple[Path, Path]]:
         image_root = self.require_dir(self.data_root / self.img_dir, "image")
         mask_root = self._find_mask_dir()
         if (image_root / self.split).is_dir():
@@ -181,10 +184,10 @@ class FolderDataset(SegDataset):
         return names
 
     # ----------------------------------------------------------------------------- label codes
-    def label_lut(self, label_path):
+    def label_lut(self, label_path: str | os.PathLike | None) -> np.ndarray:
         return self._lut
 
-    def encode_train_ids(self, pred):
+    def encode_train_ids(self, pred: np.ndarray) -> np.ndarray:
         """Train ids -> mask values as stored in this folder (+1 with reduce_zero_label)."""
         out = pred + (1 if self.reduce_zero_label else 0)
         return out.astype(np.uint8 if out.max(initial=0) < 256 else np.uint16)

@@ -8,6 +8,8 @@ mmsegmentation's: random resize (ratio 0.5-2.0 of a base scale, aspect ratio kep
 (cat_max_ratio 0.75) -> horizontal flip -> photometric distortion -> normalize -> pad (image 0,
 label 255). Labels are only ever resized with nearest neighbour, so no new label values appear.
 """
+from typing import Callable, Sequence
+
 import numpy as np
 from PIL import Image
 
@@ -16,7 +18,7 @@ STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)      # ImageNet RGB st
 
 
 # ----------------------------------------------------------------------------------- helpers
-def normalize(rgb):
+def normalize(rgb: np.ndarray) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> float32 [3, H, W], (x - mean) / std with ImageNet RGB statistics."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -27,13 +29,13 @@ def normalize(rgb):
     return chw
 
 
-def denormalize(chw):
+def denormalize(chw: np.ndarray) -> np.ndarray:
     """Inverse of ``normalize``: float32 [3, H, W] -> RGB uint8 [H, W, 3] (for pictures)."""
     rgb = np.asarray(chw, dtype=np.float32).transpose(1, 2, 0) * STD + MEAN
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def as_size(size, what):
+def as_size(size: int | Sequence[int], what: str) -> tuple[int, int]:
     """An int or an (a, b) pair -> (a, b) of positive ints."""
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
@@ -43,7 +45,7 @@ def as_size(size, what):
     return size
 
 
-def rescale_size(hw, scale):
+def rescale_size(hw: Sequence[int], scale: float | Sequence[int]) -> tuple[int, int]:
     """Output (h, w) for resizing an image of size ``hw`` with its aspect ratio kept.
 
     ``scale`` is either a number (a plain scale factor) or a pair (long_max, short_min-ish) as in
@@ -61,7 +63,7 @@ def rescale_size(hw, scale):
     return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
 
 
-def resize(array, hw, nearest=False):
+def resize(array: np.ndarray, hw: Sequence[int], nearest: bool = False) -> np.ndarray:
     """Resize an [H, W] or [H, W, C] array to ``hw``: bilinear for images, nearest for labels."""
     array = np.asarray(array)
     h, w = int(hw[0]), int(hw[1])
@@ -78,7 +80,7 @@ def resize(array, hw, nearest=False):
     return np.asarray(Image.fromarray(array).resize((w, h), Image.BILINEAR))
 
 
-def resize_keep_ratio(image, scale, nearest=False):
+def resize_keep_ratio(image: np.ndarray, scale: float | Sequence[int], nearest: bool = False) -> np.ndarray:
     """Test-time resize keeping the aspect ratio (see ``rescale_size`` for ``scale``).
 
     Images use bilinear interpolation, labels (``nearest=True``) nearest neighbour.
@@ -90,10 +92,10 @@ def resize_keep_ratio(image, scale, nearest=False):
 class Compose:
     """Apply transforms in order; each gets the same ``rng``."""
 
-    def __init__(self, transforms):
+    def __init__(self, transforms: Sequence[Callable]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         for transform in self.transforms:
             image, label = transform(image, label, rng)
         return image, label
@@ -109,14 +111,14 @@ class RandomResize:
     sides), or None for the image's own size (the ratio is then the scale factor itself).
     """
 
-    def __init__(self, base_size=None, ratio_range=(0.5, 2.0)):
+    def __init__(self, base_size: Sequence[int] | None = None, ratio_range: Sequence[float] = (0.5, 2.0)) -> None:
         self.base_size = None if base_size is None else as_size(base_size, "base_size")
         lo, hi = (float(r) for r in ratio_range)
         if not 0 < lo <= hi:
             raise ValueError(f"ratio_range must be 0 < low <= high, got {ratio_range}")
         self.ratio_range = (lo, hi)
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         ratio = rng.uniform(*self.ratio_range)
         if self.base_size is None:
             scale = ratio
@@ -134,7 +136,8 @@ class RandomCrop:
     last candidate is used. Images smaller than the crop are left for ``Pad``.
     """
 
-    def __init__(self, crop_size, cat_max_ratio=0.75, ignore_index=255, tries=10):
+    def __init__(self, crop_size: int | Sequence[int], cat_max_ratio: float = 0.75, ignore_index: int = 255,
+                 tries: int = 10) -> None:
         self.crop_size = as_size(crop_size, "crop_size")
         self.cat_max_ratio = float(cat_max_ratio)
         self.ignore_index = ignore_index
@@ -147,7 +150,7 @@ class RandomCrop:
         x0 = int(rng.integers(0, margin_w + 1))
         return y0, y0 + min(self.crop_size[0], hw[0]), x0, x0 + min(self.crop_size[1], hw[1])
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         box = self._box(image.shape[:2], rng)
         if self.cat_max_ratio < 1.0:
             for _ in range(self.tries):
@@ -164,10 +167,10 @@ class RandomCrop:
 class RandomFlip:
     """Horizontal flip with probability ``prob``."""
 
-    def __init__(self, prob=0.5):
+    def __init__(self, prob: float = 0.5) -> None:
         self.prob = float(prob)
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if rng.random() < self.prob:
             return image[:, ::-1], label[:, ::-1]
         return image, label
@@ -181,8 +184,8 @@ class PhotoMetricDistortion:
     degrees/2, the OpenCV unit). Values are clipped to 0..255 after every step.
     """
 
-    def __init__(self, brightness_delta=32, contrast_range=(0.5, 1.5),
-                 saturation_range=(0.5, 1.5), hue_delta=18):
+    def __init__(self, brightness_delta: float = 32, contrast_range: Sequence[float] = (0.5, 1.5),
+                 saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: float = 18) -> None:
         self.brightness_delta = brightness_delta
         self.contrast_range = contrast_range
         self.saturation_range = saturation_range
@@ -197,7 +200,7 @@ class PhotoMetricDistortion:
             image = self._affine(image, alpha=rng.uniform(*self.contrast_range))
         return image
 
-    def __call__(self, image, label, rng):
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         image = np.ascontiguousarray(image)
         if rng.integers(2):
             image = self._affine(image, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
@@ -222,7 +225,8 @@ class PhotoMetricDistortion:
 class Normalize:
     """RGB uint8 [H, W, 3] -> float32 [3, H, W] with ImageNet mean/std; label -> int32."""
 
-    def __call__(self, image, label, rng=None):
+    def __call__(self, image: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         return normalize(image), np.ascontiguousarray(label, dtype=np.int32)
 
 
@@ -230,11 +234,12 @@ class Pad:
     """Pad bottom/right to ``size`` (h, w): image with 0 (after Normalize: the mean colour),
     label with ``ignore_index``. Works on [3, H, W] float or [H, W, 3] uint8 images."""
 
-    def __init__(self, size, ignore_index=255):
+    def __init__(self, size: int | Sequence[int], ignore_index: int = 255) -> None:
         self.size = as_size(size, "pad size")
         self.ignore_index = ignore_index
 
-    def __call__(self, image, label, rng=None):
+    def __call__(self, image: np.ndarray, label: np.ndarray,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         h, w = label.shape
         ph, pw = max(self.size[0] - h, 0), max(self.size[1] - w, 0)
         if ph == 0 and pw == 0:
@@ -246,8 +251,9 @@ class Pad:
         return image, label
 
 
-def build_train_transform(crop_size, base_size=None, ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                          flip_prob=0.5, photometric=True, ignore_index=255):
+def build_train_transform(crop_size: int | Sequence[int], base_size: Sequence[int] | None = None,
+                          ratio_range: Sequence[float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
+                          flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = 255) -> "Compose":
     """The standard training pipeline (mmsegmentation order); outputs have shape ``crop_size``."""
     steps = [RandomResize(base_size, ratio_range),
              RandomCrop(crop_size, cat_max_ratio, ignore_index)]

@@ -1,6 +1,6 @@
 """CCNet segmentor: backbone -> RCCA head (main logits) + auxiliary FCN head on stage 3.
 
-Module and parameter names follow the official code (speedinghzl/CCNet, DESIGN.md section 3) so
+Module and parameter names follow the official code (speedinghzl/CCNet) so
 its checkpoints map key for key (the official backbone keys sit at the top level, ours under
 ``backbone.``):
 
@@ -15,15 +15,20 @@ The official code uses InPlaceABNSync, one module doing BatchNorm and LeakyReLU(
 keys expect them. Head activations: "leaky_relu" (official, InPlaceABN's default) or "relu"
 (mmsegmentation's CCHead).
 """
-import utils  # noqa: F401  (configures Jittor before it is imported)
+from typing import Any
+
+import numpy as np
+
 import jittor as jt
 from jittor import nn
 
 from .cc_attention import CrissCrossAttention
 from .norm_act import BatchNormAct
+from .resnet import from_v1c
+from .weights import StateDict, WeightLayout, rename, unchanged
 
 
-def conv_bn_act(in_channels, out_channels, activation, bias=False):
+def conv_bn_act(in_channels: int, out_channels: int, activation: str, bias: bool = False) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
                          BatchNormAct(out_channels, activation))
 
@@ -40,8 +45,8 @@ class RCCAHead(nn.Module):
     """
     attention_class = CrissCrossAttention
 
-    def __init__(self, in_channels, num_classes, recurrence=2, channels=512, activation="leaky_relu",
-                 dropout=0.1, gamma_init=0.0):
+    def __init__(self, in_channels: int, num_classes: int, recurrence: int = 2, channels: int = 512,
+                 activation: str = "leaky_relu", dropout: float = 0.1, gamma_init: float = 0.0) -> None:
         super().__init__()
         if not (isinstance(recurrence, int) and recurrence >= 0):
             raise ValueError(f"recurrence must be an int >= 0, got {recurrence!r}")
@@ -57,19 +62,20 @@ class RCCAHead(nn.Module):
             nn.Dropout2d(dropout, is_train=True),
             nn.Conv2d(channels, num_classes, 1))
 
-    def execute(self, x, return_context=False):
+    def execute(self, x: jt.Var, return_context: bool = False) -> jt.Var | tuple[jt.Var, jt.Var]:
         context = self.conva(x)
         for _ in range(self.recurrence):
             context = self.cca(context)
         return self.fuse(x, context, return_context)
 
-    def fuse(self, x, context, return_context=False):
+    def fuse(self, x: jt.Var, context: jt.Var, return_context: bool = False) -> jt.Var | tuple[jt.Var, jt.Var]:
         """convb on the attention output, concatenated with the head input -> class logits."""
         out = self.bottleneck(jt.concat([x, self.convb(context)], dim=1))
         return (out, context) if return_context else out
 
 
-def auxiliary_head(in_channels, num_classes, channels=512, activation="leaky_relu", dropout=0.1):
+def auxiliary_head(in_channels: int, num_classes: int, channels: int = 512, activation: str = "leaky_relu",
+                   dropout: float = 0.1) -> nn.Sequential:
     """The official ``dsn`` branch (first conv with bias, as in the official code)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, channels, 3, padding=1, bias=True),
@@ -92,9 +98,11 @@ class CCNet(nn.Module):
     """
     head_class = RCCAHead
     temporal = False            # True: input clips [B, T, 3, H, W] (models/ccnet3d.py)
+    config = None               # the ModelConfig it was built from, set by models.build_model
 
-    def __init__(self, backbone, num_classes, recurrence=2, head_channels=512, aux_channels=512,
-                 head_act="leaky_relu", dropout=0.1, ccl_dim=0, cca_gamma_init=0.0):
+    def __init__(self, backbone: nn.Module, num_classes: int, recurrence: int = 2, head_channels: int = 512,
+                 aux_channels: int = 512, head_act: str = "leaky_relu", dropout: float = 0.1, ccl_dim: int = 0,
+                 cca_gamma_init: float = 0.0) -> None:
         super().__init__()
         if not (isinstance(num_classes, int) and num_classes >= 1):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -115,10 +123,10 @@ class CCNet(nn.Module):
         # Category consistent loss (TPAMI): a 1x1 conv maps the RCCA output to a small space.
         self.ccl_proj = nn.Conv2d(self.head.inter_channels, ccl_dim, 1) if ccl_dim else None
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var | list[jt.Var]:
         return self.decode(self.backbone(x), tuple(x.shape[2:]))
 
-    def decode(self, features, size, **head_kwargs):
+    def decode(self, features: list[jt.Var], size: tuple[int, int], **head_kwargs: Any) -> jt.Var | list[jt.Var]:
         """Heads on the backbone's stage features: the training outputs, or in eval mode the main
         logits upsampled to ``size``. ``head_kwargs`` go to the head (the clip head's ``clip_len``)."""
         if not self.is_training():
@@ -129,3 +137,62 @@ class CCNet(nn.Module):
         if self.ccl_proj is not None:
             outputs.append(self.ccl_proj(context))
         return outputs
+
+
+# ------------------------------------------------------------------ published CCNet checkpoints
+# The official code keeps the backbone at the top level and, in some releases, the old head
+# names conv1a / conv1b / pc.
+OFFICIAL_HEAD_NAMES = (("head.conv1a", "head.conva"), ("head.conv1b", "head.convb"), ("head.pc", "head.cca"))
+
+
+def from_official(state: StateDict) -> tuple[StateDict, dict[str, str]]:
+    """Official CCNet keys -> ours."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("head.", "dsn.")):
+            out[rename(key, OFFICIAL_HEAD_NAMES) or key] = value
+        else:
+            out["backbone." + key] = value
+    return out, {}
+
+
+# mmsegmentation: ResNetV1c backbone, CCHead (convs / conv_cat / conv_seg) and an FCNHead.
+MMSEG_HEAD_NAMES = (
+    ("decode_head.convs.0.conv", "head.conva.0"), ("decode_head.convs.0.bn", "head.conva.1"),
+    ("decode_head.convs.1.conv", "head.convb.0"), ("decode_head.convs.1.bn", "head.convb.1"),
+    ("decode_head.conv_cat.conv", "head.bottleneck.0"), ("decode_head.conv_cat.bn", "head.bottleneck.1"),
+    ("decode_head.conv_seg", "head.bottleneck.3"), ("decode_head.cca.gamma.scale", "head.cca.gamma"),
+    ("decode_head.cca", "head.cca"),
+    ("auxiliary_head.convs.0.conv", "dsn.0"), ("auxiliary_head.convs.0.bn", "dsn.1"),
+    ("auxiliary_head.conv_seg", "dsn.3"),
+)
+
+
+def from_mmseg(state: StateDict) -> tuple[StateDict, dict[str, str]]:
+    """mmsegmentation CCNet keys -> ours."""
+    backbone, _ = from_v1c({k: v for k, v in state.items() if k.startswith("backbone.")})
+    out, filled = {"backbone." + k: v for k, v in backbone.items()}, {}
+    for key, value in state.items():
+        if not key.startswith("backbone."):
+            new = rename(key, MMSEG_HEAD_NAMES) or key
+            out[new] = value.reshape(1) if new == "head.cca.gamma" else value   # mmcv's Scale is 0-dim
+    if "dsn.0.weight" in out and "dsn.0.bias" not in out:
+        # mmseg's auxiliary conv is followed by BN and has no bias; the official dsn conv has one.
+        # A zero bias is the same function.
+        out["dsn.0.bias"] = np.zeros(out["dsn.0.weight"].shape[0], np.float32)
+        filled["dsn.0.bias"] = "zeros (mmseg's auxiliary conv has no bias)"
+    return out, filled
+
+
+WEIGHT_LAYOUTS = (
+    WeightLayout("ccnet_jittor", "segmentor", "ccnet-jittor (this project)",
+                 lambda keys: any(k.startswith("backbone.") for k in keys)
+                 and any(k.startswith(("head.", "dsn.")) for k in keys), unchanged),
+    WeightLayout("ccnet_mmseg", "segmentor", "mmsegmentation CCNet (ResNetV1c + CCHead + FCNHead)",
+                 lambda keys: any(k.startswith("decode_head.") for k in keys), from_mmseg,
+                 implies=dict(head_act="relu", contract_dilation=True, stem_pool_ceil=False)),
+    WeightLayout("ccnet_official", "segmentor", "official CCNet (speedinghzl/CCNet)",
+                 lambda keys: "layer1.0.conv1.weight" in keys
+                 and any(k.startswith(("head.conva.", "head.conv1a.")) for k in keys),
+                 from_official, implies=dict(head_act="leaky_relu", contract_dilation=False, stem_pool_ceil=True)),
+)

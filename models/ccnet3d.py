@@ -14,6 +14,7 @@ Parameter names and shapes are those of ``CCNet``: a checkpoint of the image mod
 clip model unchanged (the attention's 1x1 projections are stored as 2D convolutions), and with
 T = 1 both compute the same thing.
 """
+import jittor as jt
 from jittor import nn
 
 from .cc_attention import CrissCrossAttention3D
@@ -27,13 +28,13 @@ class ClipCrissCrossAttention(CrissCrossAttention3D):
     projection_conv = nn.Conv2d
 
 
-def frames_to_clips(x, clip_len):
+def frames_to_clips(x: jt.Var, clip_len: int) -> jt.Var:
     """[B*T, C, h, w] (frames in clip order) -> [B, C, T, h, w]."""
     frames, channels, height, width = x.shape
     return x.reshape(frames // clip_len, clip_len, channels, height, width).permute(0, 2, 1, 3, 4)
 
 
-def clips_to_frames(x):
+def clips_to_frames(x: jt.Var) -> jt.Var:
     """[B, C, T, h, w] -> [B*T, C, h, w], the inverse of ``frames_to_clips``."""
     batch, channels, clip_len, height, width = x.shape
     return x.permute(0, 2, 1, 3, 4).reshape(batch * clip_len, channels, height, width)
@@ -44,7 +45,7 @@ class TemporalRCCAHead(RCCAHead):
     space-time criss-cross attention on the clips, then convb / bottleneck per frame."""
     attention_class = ClipCrissCrossAttention
 
-    def execute(self, x, return_context=False, clip_len=1):
+    def execute(self, x: jt.Var, return_context: bool = False, clip_len: int = 1) -> jt.Var | tuple[jt.Var, jt.Var]:
         context = self.conva(x)
         if self.recurrence:
             clips = frames_to_clips(context, clip_len)
@@ -62,7 +63,7 @@ class TemporalCCNet(CCNet):
     head_class = TemporalRCCAHead
     temporal = True
 
-    def execute(self, clips):
+    def execute(self, clips: jt.Var) -> jt.Var | list[jt.Var]:
         if len(clips.shape) != 5 or clips.shape[2] != 3 or min(clips.shape) < 1:
             raise ValueError(f"{type(self).__name__}: input must be clips [B, T, 3, H, W] (frames stacked "
                              f"along T), got shape {list(clips.shape)}")

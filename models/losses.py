@@ -28,7 +28,6 @@ built with ``ccl_dim > 0``, the projected features as a third item.
 """
 import numpy as np
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 
 from .upsampled_ce import upsampled_nll
@@ -48,7 +47,7 @@ def _to_numpy_label(label):
     return array.astype(np.int64)
 
 
-def validate_labels(label, num_classes, ignore_index=255):
+def validate_labels(label: np.ndarray, num_classes: int, ignore_index: int = 255) -> None:
     """Raise ValueError naming the values outside [0, num_classes) other than ``ignore_index``.
 
     Jittor's cross-entropy silently treats such values as ignored (PyTorch raises), which would
@@ -63,14 +62,15 @@ def validate_labels(label, num_classes, ignore_index=255):
             f"and not the ignore index {ignore_index}; check num_classes and the label encoding")
 
 
-def masked_cross_entropy(nll, keep):
+def masked_cross_entropy(nll: jt.Var, keep: np.ndarray) -> jt.Var:
     """Mean of the per-pixel losses ``nll`` (jt.Var [B,H,W]) where ``keep`` (numpy bool) is true;
     0 if none."""
     count = int(keep.sum())
     return (nll * jt.array(keep.astype(np.float32)).cast(nll.dtype)).sum() / max(count, 1)
 
 
-def ohem_keep_mask(prob_true, valid, threshold=0.7, min_kept=100000):
+def ohem_keep_mask(prob_true: np.ndarray, valid: np.ndarray, threshold: float = 0.7,
+                   min_kept: int = 100000) -> np.ndarray:
     """Pixels OHEM trains on (numpy bool, same shape as ``prob_true``); see module docstring."""
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -93,7 +93,8 @@ def _nearest_resize_label(label, size):
     return label[:, rows][:, :, cols]
 
 
-def category_consistent_terms(features, label, ignore_index=255, delta_v=0.5, delta_d=1.5):
+def category_consistent_terms(features: jt.Var, label: np.ndarray, ignore_index: int = 255, delta_v: float = 0.5,
+                              delta_d: float = 1.5) -> tuple[jt.Var, jt.Var, jt.Var]:
     """(l_var, l_dis, l_reg) as jt Vars for features [B, D, h, w] and a numpy label [B, H, W].
 
     Sums are written as broadcast products rather than matmuls: oneDNN's matmul is float32-only,
@@ -140,9 +141,10 @@ class SegLoss:
     outputs carry CCL features; weighted by ``ccl_weights``), and ``loss`` (the total).
     """
 
-    def __init__(self, num_classes, ignore_index=255, aux_weight=0.4, ohem=False, ohem_thresh=0.7,
-                 ohem_min_kept=100000, ccl_weights=(1.0, 1.0, 0.001), ccl_delta_v=0.5, ccl_delta_d=1.5,
-                 align_corners=False):
+    def __init__(self, num_classes: int, ignore_index: int = 255, aux_weight: float = 0.4, ohem: bool = False,
+                 ohem_thresh: float = 0.7, ohem_min_kept: int = 100000,
+                 ccl_weights: tuple[float, float, float] = (1.0, 1.0, 0.001), ccl_delta_v: float = 0.5,
+                 ccl_delta_d: float = 1.5, align_corners: bool = False) -> None:
         if len(ccl_weights) != 3:
             raise ValueError(f"ccl_weights must be (var, dis, reg) weights, got {ccl_weights!r}")
         if not 0.0 <= ohem_thresh <= 1.0:
@@ -160,12 +162,12 @@ class SegLoss:
         self.ccl_delta_d = ccl_delta_d
         self.align_corners = align_corners
 
-    def _main_keep(self, nll, valid):
+    def _main_keep(self, nll: jt.Var, valid: np.ndarray) -> np.ndarray:
         if not self.ohem:
             return valid
         return ohem_keep_mask(np.exp(-nll.numpy()), valid, self.ohem_thresh, self.ohem_min_kept)
 
-    def __call__(self, outputs, label):
+    def __call__(self, outputs: jt.Var | list[jt.Var], label: jt.Var | np.ndarray) -> tuple[jt.Var, dict[str, float]]:
         if isinstance(outputs, jt.Var):
             outputs = [outputs]
         if not 1 <= len(outputs) <= 3:

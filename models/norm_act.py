@@ -15,7 +15,6 @@ variance E[x^2] - E[x]^2, also in the running variance) and are averaged over MP
 Speed: on CPU the statistics, the normalisation and the two backward passes are OpenMP kernels
 (per-channel sums in double); Jittor's own reduce and element-wise kernels use one thread.
 """
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 

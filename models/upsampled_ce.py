@@ -21,7 +21,6 @@ only source rows r and r + 1, so the groups with even r run in parallel, then th
 """
 import numpy as np
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 

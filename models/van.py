@@ -1,7 +1,7 @@
 """VAN (Visual Attention Network, Guo et al. 2022) backbones b0..b3 for CCNet.
 
 Parameter names and shapes follow the official PyTorch code (Visual-Attention-Network/
-VAN-Classification), so its ImageNet checkpoints load key for key (``load_imagenet_weights``):
+VAN-Classification), so its ImageNet checkpoints load key for key (``WEIGHT_LAYOUTS`` below):
 
     patch_embed{i}.proj / .norm           overlapping patch embedding: conv + BatchNorm
     block{i}.{j}.norm1 / .norm2            BatchNorm before the attention / MLP branch
@@ -20,31 +20,29 @@ dilation of the stage before, the blocks' 5x5 / 7x7-d3 / 3x3 depthwise convs by 
 ImageNet weights stay valid and every filter still covers the same image area it was trained
 on, only sampled densely (tests/test_van.py checks that the stride-8 features, subsampled,
 equal the stride-32 ones). No new parameters; the cost is compute and memory in the later
-stages. Measured for CCNet (R=2, 150 classes) on VAN-b2, one 512x512 image, training step on
-2 CPU cores, at output stride 32 / 16 / 8: backbone 52 / 68 / 219 GFLOP (2 x MACs), heads
-5 / 11 / 44 GFLOP, CPU time 12.0 / 12.7 / 23.5 s, peak RSS 3.5 / 3.7 / 6.9 GB. The default
-is 8, the resolution CCNet's head and its ResNet variant use.
+stages (README, "VAN backbones", has the measured cost). The default is 8, the resolution
+CCNet's head and its ResNet variant use.
 
 Depthwise convolutions run on CPU through the OpenMP kernels below (``DepthwiseConv2d``):
-Jittor's generic grouped convolution is single-threaded and was ~40x slower.
+Jittor's generic grouped convolution is single-threaded and much slower (README).
 """
 import math
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 from jittor import nn
 
-from . import register_backbone
+from .registry import register_backbone
+from .weights import WeightLayout, unchanged
 
-# DESIGN.md section 4; all sizes share the MLP ratios [8, 8, 4, 4].
+# The official configurations; all sizes share the MLP ratios.
 VAN_SIZES = {
     "van_b0": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2)),
     "van_b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2)),
     "van_b2": dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3)),
     "van_b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3)),
 }
+VAN_ALIASES = {"van_b2": ("van_base",)}
 MLP_RATIOS = (8, 8, 4, 4)
 LAYER_SCALE_INIT = 1e-2
 
@@ -57,9 +55,8 @@ STRIDE_PLANS = {
 
 
 # ------------------------------------------------------------------ depthwise convolution on CPU
-# Jittor 1.3.11 runs grouped convolutions on CPU as a generic reindex/reduce kernel: one thread,
-# ~4 s forward+backward for one 7x7 depthwise conv at [1, 320, 64, 64], so VAN's three depthwise
-# convs per block dominated a training step. These jt.code kernels loop over (image, channel)
+# Jittor 1.3.11 runs grouped convolutions on CPU as a generic single-threaded reindex/reduce
+# kernel, so VAN's three depthwise convs per block dominated a training step. These jt.code kernels loop over (image, channel)
 # planes with OpenMP and keep the inner loop over a contiguous row, bounds resolved per row.
 # CUDA keeps Jittor's own depthwise kernel.
 
@@ -149,10 +146,10 @@ class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(dim, dim, k, padding, dilation, groups=dim)`` (same parameters and names) that
     runs the OpenMP kernels above on CPU, and Jittor's own implementation elsewhere."""
 
-    def __init__(self, dim, kernel_size, padding, dilation):
+    def __init__(self, dim: int, kernel_size: int, padding: int, dilation: int) -> None:
         super().__init__(dim, dim, kernel_size, padding=padding, dilation=dilation, groups=dim)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         if jt.flags.use_cuda:
             return super().execute(x)
         y = _DepthwiseConvCPU()(x, self.weight, self.padding[0], self.dilation[0])
@@ -167,18 +164,18 @@ def _depthwise(dim, kernel_size, dilation):
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
 
-    def __init__(self, drop_prob=0.0):
+    def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = float(drop_prob)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         if self.drop_prob == 0.0 or not self.is_training():
             return x
         keep_prob = 1.0 - self.drop_prob
         keep = (jt.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype) + keep_prob).floor()
         return x / keep_prob * keep
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
 
@@ -189,13 +186,13 @@ class ChannelLayerNorm(nn.Module):
     with eps = 1e-6 the latter loses precision on large activations.
     """
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = jt.ones(dim)
         self.bias = jt.zeros(dim)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         centred = x - x.mean(dim=1, keepdims=True)
         scale = 1.0 / jt.sqrt((centred * centred).mean(dim=1, keepdims=True) + self.eps)
         return centred * scale * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
@@ -204,59 +201,59 @@ class ChannelLayerNorm(nn.Module):
 class LKA(nn.Module):
     """Large-kernel attention: 5x5 depthwise -> 7x7 depthwise dilation 3 -> 1x1, gates the input."""
 
-    def __init__(self, dim, dilation=1):
+    def __init__(self, dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.conv0 = _depthwise(dim, 5, dilation)
         self.conv_spatial = _depthwise(dim, 7, 3 * dilation)
         self.conv1 = nn.Conv2d(dim, dim, 1)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return x * self.conv1(self.conv_spatial(self.conv0(x)))
 
 
 class Attention(nn.Module):
     """1x1 -> GELU -> LKA -> 1x1, plus its own shortcut (as in the official code)."""
 
-    def __init__(self, dim, dilation=1):
+    def __init__(self, dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.proj_1 = nn.Conv2d(dim, dim, 1)
         self.activation = nn.GELU()
         self.spatial_gating_unit = LKA(dim, dilation)
         self.proj_2 = nn.Conv2d(dim, dim, 1)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x)))) + x
 
 
 class DWConv(nn.Module):
     """Wrapper that only exists so the official key name ``mlp.dwconv.dwconv`` comes out."""
 
-    def __init__(self, dim, dilation=1):
+    def __init__(self, dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.dwconv = _depthwise(dim, 3, dilation)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.dwconv(x)
 
 
 class Mlp(nn.Module):
     """1x1 expand -> 3x3 depthwise -> GELU -> 1x1 project."""
 
-    def __init__(self, dim, hidden_dim, dilation=1):
+    def __init__(self, dim: int, hidden_dim: int, dilation: int = 1) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.dwconv = DWConv(hidden_dim, dilation)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.fc2(self.act(self.dwconv(self.fc1(x))))
 
 
 class Block(nn.Module):
     """x + drop_path(ls1 * attn(bn1(x))), then x + drop_path(ls2 * mlp(bn2(x)))."""
 
-    def __init__(self, dim, mlp_ratio, drop_path=0.0, dilation=1):
+    def __init__(self, dim: int, mlp_ratio: int, drop_path: float = 0.0, dilation: int = 1) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(dim)
         self.attn = Attention(dim, dilation)
@@ -266,7 +263,7 @@ class Block(nn.Module):
         self.layer_scale_1 = jt.full((dim,), LAYER_SCALE_INIT)
         self.layer_scale_2 = jt.full((dim,), LAYER_SCALE_INIT)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         x = x + self.drop_path(self.layer_scale_1.reshape(1, -1, 1, 1) * self.attn(self.norm1(x)))
         return x + self.drop_path(self.layer_scale_2.reshape(1, -1, 1, 1) * self.mlp(self.norm2(x)))
 
@@ -274,13 +271,13 @@ class Block(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlapping windows (7x7/4 for stage 1, 3x3/2 later) + BatchNorm."""
 
-    def __init__(self, in_channels, dim, kernel_size, stride, dilation=1):
+    def __init__(self, in_channels: int, dim: int, kernel_size: int, stride: int, dilation: int = 1) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size, stride=stride,
                               padding=dilation * (kernel_size // 2), dilation=dilation)
         self.norm = nn.BatchNorm2d(dim)
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.norm(self.proj(x))
 
 
@@ -291,8 +288,8 @@ class VAN(nn.Module):
     (4, 8, 16, 16) for 16, (4, 8, 8, 8) for 8.
     """
 
-    def __init__(self, embed_dims, depths, mlp_ratios=MLP_RATIOS, drop_path_rate=0.0,
-                 output_stride=32, in_channels=3):
+    def __init__(self, embed_dims: Sequence[int], depths: Sequence[int], mlp_ratios: Sequence[int] = MLP_RATIOS,
+                 drop_path_rate: float = 0.0, output_stride: int = 32, in_channels: int = 3) -> None:
         super().__init__()
         embed_dims, depths, mlp_ratios = list(embed_dims), list(depths), list(mlp_ratios)
         if not len(embed_dims) == len(depths) == len(mlp_ratios) == 4:
@@ -344,11 +341,11 @@ class VAN(nn.Module):
                 if module.bias is not None:
                     module.bias.assign(jt.zeros(module.bias.shape))
 
-    def stages(self):
+    def stages(self) -> Iterator[tuple[OverlapPatchEmbed, nn.ModuleList, ChannelLayerNorm]]:
         for i in range(1, 5):
             yield getattr(self, f"patch_embed{i}"), getattr(self, f"block{i}"), getattr(self, f"norm{i}")
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> list[jt.Var]:
         if x.ndim != 4 or x.shape[1] != self.patch_embed1.proj.in_channels:
             raise ValueError(f"VAN expects images [B, {self.patch_embed1.proj.in_channels}, H, W], "
                              f"got shape {list(x.shape)}")
@@ -365,100 +362,42 @@ class VAN(nn.Module):
 class VANClassifier(VAN):
     """VAN with the ImageNet head (global average pool of stage 4 -> ``head``): logits [B, classes]."""
 
-    def __init__(self, embed_dims, depths, num_classes=1000, **kwargs):
+    def __init__(self, embed_dims: Sequence[int], depths: Sequence[int], num_classes: int = 1000,
+                 **kwargs: Any) -> None:
         super().__init__(embed_dims, depths, **kwargs)
         self.head = nn.Linear(self.out_channels[-1], num_classes)
         self.head.weight.assign(jt.init.trunc_normal_(jt.zeros(self.head.weight.shape), std=0.02))
         self.head.bias.assign(jt.zeros(self.head.bias.shape))
 
-    def execute(self, x):
+    def execute(self, x: jt.Var) -> jt.Var:
         return self.head(super().execute(x)[-1].mean(dims=(2, 3)))
 
 
-def official_state_dict(source):
-    """The weight dict of an official checkpoint. ``source``: a dict (the bare weights or
-    ``{"state_dict": weights}``) or anything ``utils.checkpoint.read_checkpoint`` reads (a path
-    such as ``van_base_828.pth.tar``, a URL, a model zoo name like ``van_b2``)."""
-    if isinstance(source, dict):
-        checkpoint = source
-    else:
-        from utils.checkpoint import read_checkpoint   # the project's torch-free .pth(.tar) reader
-        checkpoint = read_checkpoint(source)
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"VAN checkpoint {source}: expected a dict of weights, got {type(checkpoint).__name__}")
-    weights = checkpoint.get("state_dict", checkpoint)
-    # checkpoints saved from DataParallel prefix every key with "module."
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+def _make_factory(name: str) -> Callable[..., VAN]:
+    size = VAN_SIZES[name]
+
+    # Explicit keywords, so that models.build_model can tell backbone options from typos.
+    def factory(output_stride: int = 8, drop_path_rate: float = 0.1, embed_dims: Sequence[int] | None = None,
+                depths: Sequence[int] | None = None, mlp_ratios: Sequence[int] = MLP_RATIOS, in_channels: int = 3,
+                num_classes: int = 0) -> VAN:
+        config = dict(embed_dims=embed_dims or size["embed_dims"], depths=depths or size["depths"],
+                      mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate, output_stride=output_stride,
+                      in_channels=in_channels)
+        return VANClassifier(num_classes=num_classes, **config) if num_classes else VAN(**config)
+
+    factory.__name__ = name
+    factory.__doc__ = (f"{name}: four stage features for segmentation, or with ``num_classes`` the ImageNet "
+                       "classifier. ``embed_dims`` / ``depths`` / ``mlp_ratios`` override the size (tiny "
+                       "models for tests). Official weights: utils.checkpoint.load_backbone_weights.")
+    return factory
 
 
-def load_imagenet_weights(model, source):
-    """Load an official VAN ImageNet checkpoint into ``model`` (a ``VAN`` or ``VANClassifier``).
-
-    Keys must match exactly, except ``num_batches_tracked`` (jittor's BatchNorm keeps no such
-    counter) and ``head.*`` when ``model`` has no head. Anything missing, unexpected or of the
-    wrong shape raises a ValueError naming the keys, because jittor's own ``load_state_dict``
-    would only log it. Returns the list of checkpoint keys that were ignored.
-    """
-    from utils.checkpoint import assign_state, describe_problems, find_mismatches
-    weights = official_state_dict(source)
-    own = model.state_dict()
-    has_head = isinstance(model, VANClassifier)
-    ignored = [k for k in weights
-               if k.endswith("num_batches_tracked") or (not has_head and k.startswith("head."))]
-    usable = {k: np.asarray(v.numpy() if isinstance(v, jt.Var) else v)
-              for k, v in weights.items() if k not in set(ignored)}
-    missing, unexpected, wrong_shape = find_mismatches(own, usable)
-    if missing or unexpected or wrong_shape:
-        where = "VAN checkpoint" if isinstance(source, dict) else f"VAN checkpoint {source}"
-        raise ValueError(f"{where} does not fit this VAN (embed_dims={model.out_channels}, "
-                         f"depths={model.depths}):\n  " + describe_problems(missing, unexpected, wrong_shape))
-    assign_state(own, usable)
-    return ignored
+for _name in VAN_SIZES:
+    globals()[_name] = register_backbone(_name, aliases=VAN_ALIASES.get(_name, ()))(_make_factory(_name))
 
 
-def _build(name, output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """A VAN of size ``name`` for segmentation (``num_classes=0``: four stage features) or with the
-    ImageNet head (``num_classes=1000``). ``embed_dims`` / ``depths`` / ``mlp_ratios`` override the
-    size (tiny models for tests); ``pretrained``: an official checkpoint (path, URL, zoo name or
-    dict) loaded strictly by ``load_imagenet_weights``."""
-    config = dict(embed_dims=embed_dims or VAN_SIZES[name]["embed_dims"], depths=depths or VAN_SIZES[name]["depths"],
-                  mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate, output_stride=output_stride,
-                  in_channels=in_channels)
-    model = VANClassifier(num_classes=num_classes, **config) if num_classes else VAN(**config)
-    if pretrained:
-        load_imagenet_weights(model, pretrained)
-    return model
-
-
-# Explicit keyword signatures so that models.build_model can tell backbone options from typos.
-@register_backbone("van_b0")
-def van_b0(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b0 (4.1M params with the ImageNet head)."""
-    return _build("van_b0", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
-
-
-@register_backbone("van_b1")
-def van_b1(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b1 (13.9M params with the ImageNet head)."""
-    return _build("van_b1", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
-
-
-@register_backbone("van_b2", aliases=("van_base",))
-def van_b2(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b2 = VAN-base (26.6M params with the ImageNet head)."""
-    return _build("van_b2", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
-
-
-@register_backbone("van_b3")
-def van_b3(output_stride=8, drop_path_rate=0.1, embed_dims=None, depths=None, mlp_ratios=MLP_RATIOS,
-           in_channels=3, num_classes=0, pretrained=None):
-    """VAN-b3 (44.8M params with the ImageNet head)."""
-    return _build("van_b3", output_stride, drop_path_rate, embed_dims, depths, mlp_ratios, in_channels,
-                  num_classes, pretrained)
+# The official names are ours (the module docstring lists them).
+WEIGHT_LAYOUTS = (
+    WeightLayout("van_official", "backbone", "official VAN ImageNet (Visual-Attention-Network)",
+                 lambda keys: "patch_embed1.proj.weight" in keys, unchanged, classifier="head."),
+)

@@ -1,8 +1,8 @@
-"""Criss-cross attention ops and module (DESIGN.md section 2, issue 2).
+"""Criss-cross attention ops and module.
 
 The fused CPU kernels, the elementwise kernels (the per-element arithmetic the CUDA kernels run)
 and the plain-Jittor reference are checked against each other, against an explicit numpy reading
-of the DESIGN layout and against finite differences in float64.
+of the layout and against finite differences in float64.
 """
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import jittor as jt
 
 from cca_testing import finite_difference_check, keep_float64, random_var, rel_err  # noqa: F401 (autouse fixture)
 from models import cc_attention as cca
-from models.cc_attention import CrissCrossAttention, ca_map, ca_weight
+from models.cc_attention import CrissCrossAttention, ca_map, ca_weight, criss_cross_attention
 
 KERNEL_IMPLS = ("fused", "elementwise")
 # (B, C, H, W): H != W, H = 1, W = 1, a single position, B > 1 with odd C and a wide row
@@ -19,11 +19,11 @@ SHAPES = [(2, 5, 4, 7), (1, 3, 1, 6), (1, 3, 5, 1), (1, 2, 1, 1), (3, 17, 9, 6)]
 
 
 # ------------------------------------------------------------------------------------------------
-# Layout: an explicit numpy reading of DESIGN 2
+# Layout: an explicit numpy reading of the layout (models/cc_attention.py docstring)
 # ------------------------------------------------------------------------------------------------
 
 def _path(y, x, h, w):
-    """Positions of the criss-cross path of (y, x), in channel order (DESIGN 2)."""
+    """Positions of the criss-cross path of (y, x), in channel order."""
     return [(y, i) for i in range(w)] + [(j if j < y else j + 1, x) for j in range(h - 1)]
 
 
@@ -48,7 +48,7 @@ def numpy_ca_map(a, v):
 
 
 @pytest.mark.parametrize("impl", cca.IMPLS)
-def test_layout_matches_design(impl):
+def test_layout_matches_numpy(impl):
     rng = np.random.default_rng(0)
     q, k, v = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 6, 4, 5))
     energy = ca_weight(jt.array(q), jt.array(k), impl=impl)
@@ -88,7 +88,7 @@ def test_kernels_match_reference(shape, dtype):
     q, k = random_var(rng, (b, c, h, w), dtype), random_var(rng, (b, c, h, w), dtype)
     v, g = random_var(rng, (b, c + 3, h, w), dtype), random_var(rng, (b, c + 3, h, w), dtype)
     expected = _op_outputs("reference", q, k, v, g)
-    # DESIGN/issue targets in float32: 1e-5 forward, 1e-4 gradients (relative to the magnitude)
+    # float32 targets: 1e-5 forward, 1e-4 gradients (relative to the magnitude)
     tolerances = [1e-5, 1e-5, 1e-4, 1e-4, 1e-4] if dtype == "float32" else [1e-12] * 5
     for impl in KERNEL_IMPLS:
         for name, actual, wanted, tol in zip(["energy", "out", "dq", "dk", "dv"],
@@ -166,10 +166,12 @@ def test_module_matches_reference_and_finite_differences(impl):
     finite_difference_check(lambda x_, *params: module(module(x_)), inputs, rng, coords=3)
 
 
-def test_module_float32_agreement_targets():
-    """Issue 2 targets in float32: fused vs reference <= 1e-5 forward, <= 1e-4 gradients."""
+@pytest.mark.parametrize("batch", [2, 1])
+def test_module_float32_agreement_targets(batch):
+    """float32 targets: fused vs reference <= 1e-5 forward, <= 1e-4 gradients (in float32 the CPU
+    projections run as one matrix product per image)."""
     rng = np.random.default_rng(5)
-    x, g = random_var(rng, (2, 32, 13, 11), "float32"), random_var(rng, (2, 32, 13, 11), "float32")
+    x, g = random_var(rng, (batch, 32, 13, 11), "float32"), random_var(rng, (batch, 32, 13, 11), "float32")
     out, grads = _module_grads(_module(32, "fused", dtype="float32"), x, g)
     ref_out, ref_grads = _module_grads(_module(32, "reference", dtype="float32"), x, g)
     assert rel_err(out, ref_out) <= 1e-5
@@ -316,3 +318,157 @@ def test_cuda_source_compiles_as_cpp_with_stubs(kind, tmp_path):
     result = subprocess.run([compiler, "-std=c++14", "-fsyntax-only", "-Wall", str(source)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# criss_cross_attention: the module's attention after its projections (on CPU one fused kernel
+# each way, with the softmax and the residual inside)
+# ------------------------------------------------------------------------------------------------
+
+def _attention_outputs(impl, qkv, x, gamma, g):
+    out, _ = criss_cross_attention(qkv, x, gamma, impl=impl)
+    grads = jt.grad((out * g).sum(), [qkv, x, gamma])
+    return [out.numpy()] + [gr.numpy() for gr in grads]
+
+
+def _attention_inputs(rng, shape, inner, dtype, gamma=0.6):
+    b, c = shape[:2]
+    qkv = random_var(rng, (b, 2 * inner + c) + tuple(shape[2:]), dtype)
+    x, g = random_var(rng, shape, dtype), random_var(rng, shape, dtype)
+    return qkv, x, jt.array(np.array([gamma], dtype=dtype)), g
+
+
+# odd sizes, H = 1, W = 1, one position, and sizes past the kernels' internal chunks (channels
+# beyond one strip chunk and one row product chunk, rows longer than one row product chunk)
+ATTENTION_SHAPES = [((2, 5, 4, 7), 2), ((1, 3, 1, 6), 1), ((1, 3, 5, 1), 3), ((1, 2, 1, 1), 1),
+                    ((3, 17, 9, 6), 4), ((1, 130, 40, 7), 9), ((1, 9, 3, 130), 2)]
+
+
+@pytest.mark.parametrize("shape, inner", ATTENTION_SHAPES)
+def test_criss_cross_attention_matches_reference(shape, inner):
+    rng = np.random.default_rng(8)
+    inputs = _attention_inputs(rng, shape, inner, "float64")
+    expected = _attention_outputs("reference", *inputs)
+    for impl in KERNEL_IMPLS:
+        for name, actual, wanted in zip(["out", "dqkv", "dx", "dgamma"], _attention_outputs(impl, *inputs), expected):
+            assert rel_err(actual, wanted) <= 1e-12, (impl, name, rel_err(actual, wanted))
+
+
+def test_criss_cross_attention_float32_targets():
+    rng = np.random.default_rng(9)
+    inputs = _attention_inputs(rng, (2, 40, 13, 11), 5, "float32")
+    expected = _attention_outputs("reference", *inputs)
+    for name, actual, wanted, tol in zip(["out", "dqkv", "dx", "dgamma"], _attention_outputs("fused", *inputs),
+                                         expected, [1e-5, 1e-4, 1e-4, 1e-4]):
+        assert actual.dtype == np.float32
+        assert rel_err(actual, wanted) <= tol, (name, rel_err(actual, wanted))
+
+
+def test_criss_cross_attention_finite_differences():
+    rng = np.random.default_rng(10)
+    qkv, x, gamma, _ = _attention_inputs(rng, (2, 4, 3, 5), 2, "float64")
+    finite_difference_check(lambda q_, x_, g_: criss_cross_attention(q_, x_, g_)[0], [qkv, x, gamma], rng, coords=5)
+
+
+def test_criss_cross_attention_gamma_zero():
+    """gamma = 0: the output is x and Q, K get no gradient, but gamma does (the aggregation)."""
+    rng = np.random.default_rng(11)
+    qkv, x, gamma, g = _attention_inputs(rng, (1, 6, 5, 4), 2, "float64", gamma=0.0)
+    out, dqkv, dx, dgamma = _attention_outputs("fused", qkv, x, gamma, g)
+    np.testing.assert_array_equal(out, x.numpy())
+    np.testing.assert_array_equal(dqkv[:, :4], 0.0)
+    np.testing.assert_array_equal(dx, g.numpy())
+    expected = _attention_outputs("reference", qkv, x, gamma, g)
+    assert abs(dgamma[0]) > 0.1 and rel_err(dgamma, expected[3]) <= 1e-12
+    assert rel_err(dqkv, expected[1]) <= 1e-12          # the V part: gamma * scatter = 0 too
+
+
+def test_criss_cross_attention_returns_the_attention():
+    rng = np.random.default_rng(12)
+    qkv, x, gamma, _ = _attention_inputs(rng, (2, 8, 4, 6), 1, "float64")
+    _, attention = criss_cross_attention(qkv, x, gamma, return_attention=True)
+    energy = numpy_ca_weight(qkv.numpy()[:, :1], qkv.numpy()[:, 1:2])
+    expected = np.exp(energy - energy.max(1, keepdims=True))
+    np.testing.assert_allclose(attention.numpy(), expected / expected.sum(1, keepdims=True), rtol=1e-12, atol=1e-15)
+
+
+def test_criss_cross_attention_unfused_paths_promote_a_mixed_residual():
+    """Under mixed precision on CUDA the projections hand float16 Q, K, V while x stays float32; the
+    unfused paths (the ones CUDA runs) then promote in the residual instead of refusing. Checked
+    here with float32 projections and a float64 x against the all-float64 result."""
+    rng = np.random.default_rng(14)
+    qkv, x, gamma, _ = _attention_inputs(rng, (1, 6, 5, 4), 2, "float64")
+    expected, _ = criss_cross_attention(qkv, x, gamma, impl="reference")
+    for impl in ("elementwise", "reference"):
+        out, _ = criss_cross_attention(qkv.float32(), x, gamma.float32(), impl=impl)
+        assert str(out.dtype) == "float64"
+        assert rel_err(out.numpy(), expected.numpy()) <= 1e-6, impl
+
+
+def test_fused_module_is_deterministic():
+    """Same inputs, same bits: the kernels' reductions do not depend on the thread schedule."""
+    rng = np.random.default_rng(13)
+    module = _module(32, "fused", dtype="float32")
+    x, g = random_var(rng, (2, 32, 21, 17), "float32"), random_var(rng, (2, 32, 21, 17), "float32")
+    first, second = _module_grads(module, x, g), _module_grads(module, x, g)
+    np.testing.assert_array_equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: criss_cross_attention(_zeros(1, 12, 3, 4), _zeros(1, 8, 3), _zeros(1)), r"x must be \[B, C, H, W\]"),
+    (lambda: criss_cross_attention(_zeros(1, 11, 3, 4), _zeros(1, 8, 3, 4), _zeros(1)), r"qkv \[1, 11, 3, 4\] must hold 2C' \+ C channels \(C = 8"),
+    (lambda: criss_cross_attention(_zeros(1, 8, 3, 4), _zeros(1, 8, 3, 4), _zeros(1)), r"must hold 2C' \+ C channels"),
+    (lambda: criss_cross_attention(_zeros(1, 12, 3, 5), _zeros(1, 8, 3, 4), _zeros(1)), r"with x's batch and spatial size"),
+    (lambda: criss_cross_attention(_zeros(2, 12, 3, 4), _zeros(1, 8, 3, 4), _zeros(1)), r"with x's batch and spatial size"),
+    (lambda: criss_cross_attention(_zeros(1, 12, 3, 4), _zeros(1, 8, 3, 4), _zeros(2)), r"gamma must have shape \[1\], got \[2\]"),
+    (lambda: criss_cross_attention(_zeros(1, 12, 3, 4), _zeros(1, 8, 3, 4, dtype="float64"), _zeros(1)), r"share one dtype"),
+    (lambda: criss_cross_attention(_zeros(1, 12, 0, 4), _zeros(1, 8, 0, 4), _zeros(1)), r"empty input"),
+    (lambda: CrissCrossAttention(16)(_zeros(1, 16, 0, 3)), r"empty input, shape \[1, 16, 0, 3\]"),
+])
+def test_criss_cross_attention_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel source files
+# ------------------------------------------------------------------------------------------------
+
+def test_kernel_sources_are_read_from_the_package(tmp_path):
+    """The headers live next to the op and are found from any working directory."""
+    import os
+    import subprocess
+    import sys
+    for name in ("cc_attention_common.h", "cc_attention_cuda.h", "cc_attention_cpu.h", "cc_attention_cpu_elementwise.h"):
+        assert (cca.KERNEL_DIR / name).read_text() in cca.generate_sources("energy", "float32")[0] + \
+            cca.generate_sources("energy", "float32")[2] + cca.generate_sources("energy", "float32", "elementwise")[0]
+    root = str(cca.KERNEL_DIR.parent.parent)
+    code = "import models.cc_attention as m; print(len(m.generate_sources('gather', 'float64')[0]))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=root, CCNET_QUIET="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.strip().splitlines()[-1]) > 1000
+
+
+@pytest.mark.parametrize("arch", ["-mavx2 -mfma", "-mavx512f -mavx512dq"])
+def test_cpu_kernels_compile_for_both_vector_widths(arch, tmp_path):
+    """The blocked CPU kernels pick 32- or 64-byte vectors from the compiler's target; this machine
+    runs one width, so at least compile every entry point for both (float and double)."""
+    import shutil
+    import subprocess
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found")
+    calls = "".join(
+        f"template void cca_cpu_energy<{t}>({t}*, {t}*, {t}*, int, int, int, int, int);\n"
+        f"template void cca_cpu_aggregate<{t}>({t}*, {t}*, {t}*, int, int, int, int, int, bool);\n"
+        f"template void cca_cpu_attention_forward<{t}>({t}*, {t}*, {t}, {t}*, {t}*, int, int, int, int, int, int);\n"
+        f"template void cca_cpu_attention_backward<{t}>({t}*, {t}*, {t}*, {t}, {t}*, double*, int, int, int, int, int, int);\n"
+        for t in ("float", "double"))
+    source = tmp_path / "cpu_kernels.cc"
+    source.write_text(cca.generate_sources("energy", "float32")[0] + calls)
+    result = subprocess.run([compiler, "-std=c++14", "-fopenmp", "-Ofast", *arch.split(), "-fsyntax-only", "-Wall",
+                             "-Werror", str(source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

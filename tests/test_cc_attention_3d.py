@@ -1,4 +1,4 @@
-"""Space-time criss-cross attention (issue 9): ca_weight_3d / ca_map_3d / CrissCrossAttention3D.
+"""Space-time criss-cross attention: ca_weight_3d / ca_map_3d / CrissCrossAttention3D.
 
 Layout for clips [B, C, T, H, W]: the path of (t, y, x) has T + H + W - 2 entries: W row entries
 (t, y, i), H - 1 column entries (t, j if j < y else j + 1, x), T - 1 temporal entries
@@ -11,7 +11,7 @@ import jittor as jt
 
 from cca_testing import finite_difference_check, keep_float64, random_var, rel_err  # noqa: F401 (autouse fixture)
 from models import cc_attention as cca
-from models.cc_attention import CrissCrossAttention, CrissCrossAttention3D, ca_map_3d, ca_weight_3d
+from models.cc_attention import CrissCrossAttention, CrissCrossAttention3D, ca_map_3d, ca_weight_3d, criss_cross_attention
 
 KERNEL_IMPLS = ("fused", "elementwise")
 SHAPES = [(1, 3, 1, 4, 5), (2, 5, 2, 3, 4), (1, 4, 5, 2, 3), (1, 2, 3, 1, 1)]   # T = 1, 2, 5; H != W
@@ -121,6 +121,21 @@ def test_module_3d_matches_reference_and_finite_differences():
     finite_difference_check(lambda x_, *params: module(module(x_)), [x] + _params(module), rng, coords=2)
 
 
+def test_module_3d_float32_targets():
+    """float32 (the CPU projections as matrix products): fused vs reference <= 1e-5 / 1e-4."""
+    rng = np.random.default_rng(8)
+    x, g = random_var(rng, (2, 24, 3, 5, 6), "float32"), random_var(rng, (2, 24, 3, 5, 6), "float32")
+    results = {}
+    for impl in ("fused", "reference"):
+        jt.set_global_seed(0)
+        module = CrissCrossAttention3D(24, impl=impl, gamma_init=0.8)
+        out = module(module(x))
+        results[impl] = [out.numpy()] + [gr.numpy() for gr in jt.grad((out * g).sum(), [x] + _params(module))]
+    assert rel_err(results["fused"][0], results["reference"][0]) <= 1e-5
+    for actual, expected in zip(results["fused"][1:], results["reference"][1:]):
+        assert rel_err(actual, expected, floor=1.0) <= 1e-4
+
+
 def test_module_3d_contract_and_keep_attention():
     module = CrissCrossAttention3D(16)
     assert module.gamma.shape == [1] and float(module.gamma.numpy()[0]) == 0.0
@@ -159,6 +174,35 @@ def test_single_frame_equals_2d(impl):
     np.testing.assert_allclose(out3d.numpy()[:, :, 0], out2d.numpy(), rtol=tol, atol=tol)
     for gr3, gr2 in zip(grads3d, grads2d):
         np.testing.assert_allclose(gr3.numpy().reshape(gr2.shape), gr2.numpy(), rtol=tol, atol=tol)
+
+
+# T = 1, H = 1, W = 1, one position, and a clip with many temporal lines (several lane ranges)
+ATTENTION_SHAPES_3D = [((1, 4, 1, 3, 5), 1), ((2, 5, 3, 1, 4), 2), ((1, 3, 4, 5, 1), 1), ((1, 2, 3, 1, 1), 1),
+                       ((1, 20, 3, 9, 30), 3)]
+
+
+@pytest.mark.parametrize("shape, inner", ATTENTION_SHAPES_3D)
+def test_criss_cross_attention_3d_matches_reference(shape, inner):
+    """The fused 3D kernels (and the elementwise ops) against the plain-Jittor formulation, float64."""
+    rng = np.random.default_rng(6)
+    b, c = shape[:2]
+    qkv = random_var(rng, (b, 2 * inner + c) + shape[2:])
+    x, g = random_var(rng, shape), random_var(rng, shape)
+    gamma = jt.array(np.array([0.7]))
+    results = {}
+    for impl in ("reference",) + KERNEL_IMPLS:
+        out, _ = criss_cross_attention(qkv, x, gamma, impl=impl)
+        results[impl] = [out.numpy()] + [gr.numpy() for gr in jt.grad((out * g).sum(), [qkv, x, gamma])]
+    for impl in KERNEL_IMPLS:
+        for name, actual, expected in zip(["out", "dqkv", "dx", "dgamma"], results[impl], results["reference"]):
+            assert rel_err(actual, expected) <= 1e-12, (impl, name, rel_err(actual, expected))
+
+
+def test_criss_cross_attention_3d_finite_differences():
+    rng = np.random.default_rng(7)
+    qkv, x = random_var(rng, (1, 7, 3, 2, 4)), random_var(rng, (1, 3, 3, 2, 4))
+    gamma = jt.array(np.array([0.4]))
+    finite_difference_check(lambda q_, x_, g_: criss_cross_attention(q_, x_, g_)[0], [qkv, x, gamma], rng, coords=4)
 
 
 def _zeros(*shape, dtype="float32"):

@@ -178,6 +178,28 @@ def test_build_model_routes_options_and_reports_errors():
         build_model("resnet18", 5, cca_gamma_init="one", **TINY)
 
 
+def test_build_model_records_its_config():
+    import models
+    model = build_model("resnet18", 5, recurrence=1, stem_widths=(4, 4, 8), head_act="relu", **TINY)
+    config = model.config
+    assert config == models.ModelConfig("resnet18", 5, 1, dict(stem_widths=(4, 4, 8), head_act="relu", **TINY))
+    assert config.to_dict() == dict(backbone="resnet18", num_classes=5, recurrence=1, stem_widths=(4, 4, 8),
+                                    head_act="relu", **TINY)
+    again = build_model(**config.to_dict())
+    assert {k: tuple(v.shape) for k, v in again.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert models.ModelConfig.from_dict(config.to_dict()) == config
+    effective = config.effective_options()
+    assert effective["head_act"] == "relu" and effective["contract_dilation"] is False and effective["dropout"] == 0.1
+    assert config.replace(recurrence=2, head_act=None).options.get("head_act") is None
+    on_van = config.with_backbone("van_b0")
+    assert on_van.backbone == "van_b0" and on_van.options == {k: v for k, v in TINY.items()
+                                                              if k in models.HEAD_OPTIONS} | {"head_act": "relu"}
+    assert build_model("van_base", 2).config.backbone == "van_b2"          # the canonical name
+    with pytest.raises(ValueError, match="needs num_classes"):
+        models.ModelConfig.from_dict({"backbone": "resnet18"})
+
+
 def test_gradients_reach_every_parameter_including_the_stem():
     model = tiny(dropout=0.0)
     set_gamma(model.head.cca, 0.5)      # else query/key get exactly zero gradient

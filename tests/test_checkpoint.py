@@ -114,8 +114,8 @@ def test_garbage_file_is_an_error(tmp_path):
 ])
 def test_segmentor_from_file_alone_matches_torch(name, layout, implied):
     model = ck.build_model_from_checkpoint(fixture(name), log=None)
-    arch = model.arch_options
-    assert ck.Prepared(fixture(name)).layout.name == layout
+    arch = model.config.to_dict()
+    assert ck.Checkpoint(fixture(name)).layout.name == layout
     assert arch["backbone"] == "resnet50" and arch["num_classes"] == 3 and arch["base_channels"] == 2
     assert {k: arch[k] for k in implied} == implied
     ref = reference(name)
@@ -123,7 +123,7 @@ def test_segmentor_from_file_alone_matches_torch(name, layout, implied):
 
 
 def test_mmseg_conversion_details():
-    prepared = ck.Prepared(fixture("ccnet_mmseg.pth"))
+    prepared = ck.Checkpoint(fixture("ccnet_mmseg.pth"))
     raw = prepared.raw["state_dict"]
     assert raw["decode_head.cca.gamma.scale"].shape == ()
     np.testing.assert_array_equal(prepared.state["head.cca.gamma"], raw["decode_head.cca.gamma.scale"].reshape(1))
@@ -133,7 +133,7 @@ def test_mmseg_conversion_details():
 
 
 def test_strict_load_reports_every_problem():
-    model = ck.build_from_arch(dict(ck.Prepared(fixture("ccnet_official.pth")).arch, base_channels=4))
+    model = models.build_model(**dict(ck.Checkpoint(fixture("ccnet_official.pth")).options, base_channels=4))
     with pytest.raises(ck.CheckpointError) as err:
         ck.load_checkpoint(model, fixture("ccnet_official.pth"), log=None)
     text = str(err.value)
@@ -146,19 +146,19 @@ def test_strict_load_reports_every_problem():
     text = str(err.value)
     assert "unexpected keys" in text and "backbone.layer1.0.conv3.weight" in text   # bottleneck vs basic
 
-    extra = ck.build_from_arch(dict(ck.Prepared(fixture("ccnet_official.pth")).arch, ccl_dim=4))
+    extra = models.build_model(**dict(ck.Checkpoint(fixture("ccnet_official.pth")).options, ccl_dim=4))
     with pytest.raises(ck.CheckpointError, match=r"2 missing keys:\n    ccl_proj.weight\n    ccl_proj.bias"):
         ck.load_checkpoint(extra, fixture("ccnet_official.pth"), log=None)
 
 
 def test_wrong_variant_is_refused_even_when_shapes_fit():
-    arch = dict(ck.Prepared(fixture("ccnet_mmseg.pth")).arch, head_act="leaky_relu")
+    arch = dict(ck.Checkpoint(fixture("ccnet_mmseg.pth")).options, head_act="leaky_relu")
     with pytest.raises(ck.CheckpointError, match=r"head_act='relu' \(model has 'leaky_relu'\)"):
-        ck.load_checkpoint(ck.build_from_arch(arch), fixture("ccnet_mmseg.pth"), log=None)
+        ck.load_checkpoint(models.build_model(**arch), fixture("ccnet_mmseg.pth"), log=None)
 
 
 def test_non_strict_load_skips_and_reports():
-    model = ck.build_from_arch(dict(ck.Prepared(fixture("ccnet_official.pth")).arch, num_classes=5))
+    model = models.build_model(**dict(ck.Checkpoint(fixture("ccnet_official.pth")).options, num_classes=5))
     lines = []
     report = ck.load_checkpoint(model, fixture("ccnet_official.pth"), strict=False, log=lines.append)
     assert sorted(s.split(":")[0] for s in report["shape_mismatches"]) == [
@@ -166,23 +166,26 @@ def test_non_strict_load_skips_and_reports():
     assert any("not loaded" in line for line in lines)
 
 
-def test_checkpoint_meta_builds_with_plain_build_model():
-    """utils.evaluation.load_model_for_inference: build_model(backbone, classes, R, **model_opts)."""
-    meta = ck.checkpoint_meta(fixture("ccnet_official.pth"))
-    assert meta["backbone"] == "resnet50" and meta["num_classes"] == 3
-    model = models.build_model(meta["backbone"], meta["num_classes"], recurrence=2, **meta["model_opts"])
+def test_described_options_build_with_plain_build_model():
+    """Every variant is an ordinary build_model option: the options a file describes build the
+    model it fits (mmseg's narrow stem and floor-mode pooling included), nothing adapted later."""
+    arch = ck.Checkpoint(fixture("ccnet_official.pth")).options
+    assert arch["backbone"] == "resnet50" and arch["num_classes"] == 3
+    model = models.build_model(**arch)
     assert ck.load_checkpoint(model, fixture("ccnet_official.pth"), log=None)["loaded"] == 307
-    assert ck.checkpoint_meta(fixture("van_official.pth.tar")) == {}
 
-    # mmseg: build_model has no 32-32-64 stem / floor pooling option; loading adapts the stem
-    meta = ck.checkpoint_meta(fixture("ccnet_mmseg.pth"))
-    model = models.build_model(meta["backbone"], meta["num_classes"], recurrence=2, **meta["model_opts"])
-    lines = []
-    ck.load_checkpoint(model, fixture("ccnet_mmseg.pth"), log=lines.append)
-    assert any("adapted" in line and "stem_pool_ceil" in line for line in lines)
+    arch = ck.Checkpoint(fixture("ccnet_mmseg.pth")).options
+    assert arch["stem_widths"] == (1, 1, 2) and arch["stem_pool_ceil"] is False
+    model = models.build_model(**arch)
+    ck.load_checkpoint(model, fixture("ccnet_mmseg.pth"), log=None)
     model.eval()
     ref = reference("ccnet_mmseg.pth")
-    assert_close(model(jt.array(ref["input"])).numpy(), ref["out0"], "mmseg via checkpoint_meta")
+    assert_close(model(jt.array(ref["input"])).numpy(), ref["out0"], "mmseg via its described options")
+
+    # the same weights in a model that pools in ceil mode: refused, not adapted
+    ceil = models.build_model(**dict(arch, stem_pool_ceil=True))
+    with pytest.raises(ck.CheckpointError, match=r"stem_pool_ceil=False \(model has True\)"):
+        ck.load_checkpoint(ceil, fixture("ccnet_mmseg.pth"), log=None)
 
 
 def test_backbone_checkpoint_is_not_a_full_model():
@@ -199,9 +202,9 @@ def test_backbone_checkpoint_is_not_a_full_model():
     ("van_official.pth.tar", "van_official", "head."),
 ])
 def test_backbone_weights_match_torch(name, layout, dropped):
-    arch = ck.checkpoint_arch(fixture(name))
+    arch = ck.Checkpoint(fixture(name)).options
     # output stride 32: the plain ImageNet network the torch reference computes
-    model = ck.build_from_arch(dict(arch, num_classes=3, output_stride=32))
+    model = models.build_model(**dict(arch, num_classes=3, output_stride=32))
     lines = []
     report = ck.load_backbone_weights(model, fixture(name), log=lines.append)
     assert report["layout"] == layout
@@ -216,16 +219,17 @@ def test_backbone_weights_match_torch(name, layout, dropped):
         assert_close(feature.numpy(), ref[f"out{i}"], f"{name} stage {i + 1}")
 
 
-def test_v1c_weights_adapt_a_default_deep_stem():
-    """train.py builds from flags (64-64-128 stem): V1c weights (32-32-64) rebuild the stem first."""
-    model = models.build_model("resnet50", 3, stem="deep", base_channels=2, output_stride=32, head_channels=8,
-                               aux_channels=4)
-    lines = []
-    ck.load_backbone_weights(model, fixture("resnet_mmseg_v1c.pth"), log=lines.append)
-    assert model.arch_options == {"stem_widths": (1, 1, 2)} and any("adapted" in line for line in lines)
+def test_v1c_weights_need_their_own_stem():
+    """V1c weights (stem 32-32-64 scaled down: 1-1-2) do not fit a default deep stem: the error names
+    the stem widths they need; a model built with those widths takes them and matches torch."""
+    tiny = dict(stem="deep", base_channels=2, output_stride=32, head_channels=8, aux_channels=4)
+    with pytest.raises(ck.CheckpointError, match=r"'stem_widths': \(1, 1, 2\)"):
+        ck.load_backbone_weights(models.build_model("resnet50", 3, **tiny), fixture("resnet_mmseg_v1c.pth"), log=None)
+    model = models.build_model("resnet50", 3, stem_widths=(1, 1, 2), **tiny)
+    ck.load_backbone_weights(model, fixture("resnet_mmseg_v1c.pth"), log=None)
     model.eval()
     ref = reference("resnet_mmseg_v1c.pth")
-    assert_close(model.backbone(jt.array(ref["input"]))[3].numpy(), ref["out3"], "adapted V1c stem")
+    assert_close(model.backbone(jt.array(ref["input"]))[3].numpy(), ref["out3"], "V1c stem")
 
 
 def test_backbone_mismatch_names_keys_and_the_right_options():
@@ -237,7 +241,7 @@ def test_backbone_mismatch_names_keys_and_the_right_options():
 
 
 def test_segmentor_checkpoint_can_seed_a_backbone():
-    model = ck.build_from_arch(dict(ck.Prepared(fixture("ccnet_official.pth")).arch, num_classes=7))
+    model = models.build_model(**dict(ck.Checkpoint(fixture("ccnet_official.pth")).options, num_classes=7))
     report = ck.load_backbone_weights(model, fixture("ccnet_official.pth"), log=None)
     assert report["dropped"]["head.cca.gamma"] == "not part of the backbone"
     raw = ck.read_checkpoint(fixture("ccnet_official.pth"))
@@ -249,13 +253,27 @@ def test_segmentor_checkpoint_can_seed_a_backbone():
 def test_save_and_rebuild_round_trip(tmp_path):
     model = ck.build_model_from_checkpoint(fixture("ccnet_mmseg.pth"), log=None)
     path = ck.save_checkpoint(tmp_path / "run" / "latest.pkl",
-                              {"state_dict": model.state_dict(), "iteration": 5}, arch=model.arch_options)
+                              {"state_dict": model.state_dict(), "iteration": 5}, config=model.config)
     assert sorted(os.listdir(path.parent)) == ["latest.pkl"]          # no temp file left
     assert ck.read_checkpoint(str(path))["iteration"] == 5
     again = ck.build_model_from_checkpoint(str(path), log=None)
-    assert again.arch_options["stem_widths"] == (1, 1, 2)
+    assert again.config.options["stem_widths"] == (1, 1, 2)
     ref = reference("ccnet_mmseg.pth")
     assert_close(again(jt.array(ref["input"])).numpy(), ref["out0"], "re-loaded jittor checkpoint")
+
+
+def test_files_of_the_earlier_format_still_load(tmp_path):
+    """Earlier versions saved the options as a flat "arch" dict, with stem_widths None for the
+    default deep stem: such files rebuild the same model."""
+    model = ck.build_model_from_checkpoint(fixture("ccnet_official.pth"), log=None)
+    arch = dict(model.config.to_dict(), stem_widths=None, stem_pool_ceil=True)
+    path = str(tmp_path / "old.pkl")
+    jt.save({"state_dict": {k: v.numpy() for k, v in model.state_dict().items()}, "arch": arch,
+             "format": "ccnet-jittor"}, path)
+    again = ck.build_model_from_checkpoint(path, log=None)
+    assert again.config.options["head_act"] == "leaky_relu" and again.config.num_classes == 3
+    ref = reference("ccnet_official.pth")
+    assert_close(again(jt.array(ref["input"])).numpy(), ref["out0"], "earlier-format checkpoint")
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path):
@@ -270,16 +288,16 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
 # ------------------------------------------------------------------ sources and the zoo
 
 def test_missing_file_and_unknown_name():
-    with pytest.raises(model_zoo.UnknownSourceError, match=r"checkpoint file not found: .*nope\.pth"):
+    with pytest.raises(ck.UnknownSourceError, match=r"checkpoint file not found: .*nope\.pth"):
         ck.load_checkpoint(None, "/tmp/nope/nope.pth")
-    with pytest.raises(model_zoo.UnknownSourceError, match=r"unknown model zoo name 'ccnet_r102'.*ccnet_r101_ade20k_mmseg"):
+    with pytest.raises(ck.UnknownSourceError, match=r"unknown model zoo name 'ccnet_r102'.*ccnet_r101_ade20k_mmseg"):
         ck.build_model_from_checkpoint("ccnet_r102")
 
 
 def test_zoo_entries_are_consistent():
     for name in model_zoo.MODEL_ZOO:
         entry = model_zoo.zoo_entry(name)
-        assert entry["layout"] in ck.LAYOUTS and ck.LAYOUTS[entry["layout"]].kind == entry["kind"], name
+        assert entry["layout"] in models.WEIGHT_LAYOUTS and models.WEIGHT_LAYOUTS[entry["layout"]].kind == entry["kind"], name
         models.resolve_backbone_name(entry["arch"]["backbone"])
         stamp = re.search(r"-([0-9a-f]{8})\.pth$", entry["url"])
         assert entry["sha256_prefix"] == (stamp.group(1) if stamp else None), name
@@ -314,7 +332,7 @@ def test_zoo_name_downloads_once_and_loads(tmp_path, monkeypatch):
         monkeypatch.setitem(model_zoo.MODEL_ZOO, "tiny_official", entry)
         # recurrence, activation, pooling come from the zoo entry; widths and depth from the weights
         model = ck.build_model_from_checkpoint("tiny_official", log=None)
-        assert model.arch_options["backbone"] == "resnet50" and model.arch_options["head_act"] == "leaky_relu"
+        assert model.config.backbone == "resnet50" and model.config.options["head_act"] == "leaky_relu"
         assert _FixtureServer.hits == ["/x"]
         ck.read_checkpoint("tiny_official")
         assert _FixtureServer.hits == ["/x"]            # second use: from the cache

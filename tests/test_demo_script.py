@@ -31,7 +31,7 @@ def checkpoint(tmp_path_factory):
     model = models.build_model(**ARCH)
     model.head.cca.gamma.update(jt.array([0.5]).float32())
     model.head.cca.gamma.sync()
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", model, arch=ARCH)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pkl", model)
 
 
 def test_demo_writes_segmentation_overlay_and_attention(checkpoint, tmp_path):
@@ -74,7 +74,7 @@ def test_attention_point_outside_the_image_is_explained(checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------- attention maths
 def _dense_one_loop(attention):
-    """[HW, HW] matrix M1[u, p] built straight from the DESIGN layout, position by position."""
+    """[HW, HW] matrix M1[u, p] built straight from ca_weight's layout, position by position."""
     _, h, w = attention.shape
     dense = np.zeros((h * w, h * w))
     for y in range(h):

@@ -145,10 +145,28 @@ def test_official_parameter_names():
     (dict(stem="tiny"), "stem"),
     (dict(multi_grid=(1, 0)), "multi_grid"),
     (dict(base_channels=0), "base_channels"),
+    (dict(stem="standard", stem_widths=(32, 32, 64)), "stem_widths .* needs the deep stem"),
+    (dict(stem_widths=(32, 64)), "stem_widths must be three positive ints"),
+    (dict(stem_pool_ceil="yes"), "stem_pool_ceil must be True, False or None"),
 ])
 def test_bad_options_raise(opts, fragment):
     with pytest.raises(ValueError, match=fragment):
         BACKBONES["resnet50"](**opts)
+
+
+def test_stem_widths_and_pooling_are_build_options():
+    """OpenMMLab's ResNetV1c stem (base/2, base/2, base; floor-mode pooling) is built directly:
+    layer1 reads the last stem width, with an identity shortcut where the widths agree."""
+    net = BACKBONES["resnet18"](stem_widths=(32, 32, 64), stem_pool_ceil=False)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert [shapes[f"conv{i}.weight"] for i in (1, 2, 3)] == [(32, 3, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3)]
+    assert shapes["layer1.0.conv1.weight"] == (64, 64, 3, 3) and "layer1.0.downsample.0.weight" not in shapes
+    wide = BACKBONES["resnet50"](stem_widths=(32, 32, 64))
+    assert tuple(wide.layer1[0].downsample[0].weight.shape) == (256, 64, 1, 1)
+    x = jt.randn(1, 3, 96, 96)                 # the pool sees 48: 25 (ceil) or 24 (floor)
+    assert net(x)[0].shape[2] == conv_out(conv_out(96, 3, 2, 1), 3, 2, 1, ceil=False) == 24
+    assert BACKBONES["resnet18"](stem_widths=(32, 32, 64))(x)[0].shape[2] == 25
+    assert BACKBONES["resnet18"](stem="standard", stem_pool_ceil=True)(x)[0].shape[2] == 25
 
 
 def test_every_resnet_is_registered():

@@ -193,8 +193,8 @@ def test_train_and_test_scripts_on_clips(clip_root, tmp_path):
                      "--model-opt", "head_channels=16", "--model-opt", "aux_channels=16")
     assert out.returncode == 0, out.stderr[-3000:]
     val = [json.loads(line) for line in open(work / "log.jsonl") if '"val"' in line][-1]
-    from utils.checkpoint import checkpoint_arch
-    assert checkpoint_arch(str(work / "best.pkl"))["temporal"] is True
+    from utils.checkpoint import Checkpoint
+    assert Checkpoint(str(work / "best.pkl")).config.options["temporal"] is True
 
     result = tmp_path / "result.json"
     out = run_script("test.py", "--checkpoint", str(work / "best.pkl"), "--dataset", "demo_clips",

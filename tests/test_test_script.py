@@ -39,7 +39,7 @@ def ade_tree(tmp_path_factory):
     model.head.cca.gamma.update(jt.array([0.5]).float32())
     model.head.cca.gamma.sync()
     model.eval()
-    checkpoint = save_checkpoint(root / "tiny.pkl", model, arch=ARCH)
+    checkpoint = save_checkpoint(root / "tiny.pkl", model)
 
     rng = np.random.default_rng(0)
     (root / "images" / "validation").mkdir(parents=True)
@@ -102,10 +102,26 @@ def test_printed_miou_equals_miou_of_saved_predictions(ade_tree, tmp_path):
 def test_slide_flip_runs(ade_tree, tmp_path):
     root, checkpoint, _ = ade_tree
     proc = run_script("test.py", "--checkpoint", str(checkpoint), "--dataset", "ade20k", "--data-root", str(root),
-                      "--base-size", "0", "--mode", "slide", "--crop-size", "24", "--stride", "16", "--flip",
+                      "--base-size", "0", "--mode", "slide", "--window", "24", "--stride", "16", "--flip",
                       "--scales", "0.75", "1.0", "--max-images", "1", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "(1 images)" in proc.stdout
+
+
+def test_window_flag_and_its_former_spelling(capsys):
+    """--window is the sliding-window size (train.py's --crop-size is the training crop); the
+    former --crop-size still works, with one line saying so."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--checkpoint", "x.pkl", "--mode", "slide", "--crop-size", "24", "32"])
+    assert args.window == [24, 32]
+    assert capsys.readouterr().err.splitlines() == ["test.py: --crop-size is deprecated, use --window (same meaning)"]
+    assert script.parse_args(["--checkpoint", "x.pkl", "--mode", "slide", "--window", "24"]).window == [24]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--checkpoint", "x.pkl", "--mode", "slide"])
+    assert "--mode slide needs --window" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -37,7 +37,7 @@ def tiny_flags(data, work_dir, **overrides):
     flags = {"--dataset": "folder", "--data-root": str(data), "--backbone": "resnet18",
              "--crop-size": "32", "--batch-size": "2", "--iters": "6", "--lr": "0.02",
              "--num-workers": "0", "--eval-interval": "3", "--save-interval": "3", "--log-interval": "1",
-             "--val-images": "2", "--work-dir": str(work_dir)}
+             "--eval-max-images": "2", "--work-dir": str(work_dir)}
     flags.update({k: str(v) for k, v in overrides.items()})
     argv = [item for pair in flags.items() for item in pair]
     return argv + ["--model-opt", "base_channels=8", "--model-opt", "head_channels=16",
@@ -95,6 +95,44 @@ def test_defaults_are_the_ade20k_recipe_and_flags_beat_presets():
     assert mixed.work_dir == os.path.join("work_dirs", "demo_resnet50_r2")
 
 
+def test_renamed_flags_still_work_and_say_so(capsys):
+    import train
+    config = train.parse_args(["--eval-crop", "64", "--val-images", "3"])
+    assert (config.eval_window, config.eval_max_images) == (64, 3)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["train.py: --eval-crop is deprecated, use --eval-window (same meaning)",
+                   "train.py: --val-images is deprecated, use --eval-max-images (same meaning)"]
+    config = train.parse_args(["--eval-window", "64", "--eval-max-images", "3"])
+    assert (config.eval_window, config.eval_max_images) == (64, 3) and capsys.readouterr().err == ""
+    assert "--eval-crop" not in train.build_parser().format_help()
+
+
+def test_resume_settings_come_from_the_checkpoint_unless_given(tmp_path, capsys):
+    """A checkpoint of the earlier format (settings recorded as eval_crop / val_images): its
+    settings and its model apply, explicit flags win, --model-opt changes single options, and
+    the seed stays the checkpoint's."""
+    import models
+    import train
+    from utils.checkpoint import save_checkpoint
+    model = models.build_model("resnet18", 3, recurrence=1, base_channels=8, head_channels=16, aux_channels=16,
+                               dropout=0.2)
+    recorded = {"dataset": "folder", "data_root": "/data", "lr": 0.5, "iters": 9, "seed": 5, "backbone": "resnet18",
+                "eval_crop": 64, "val_images": 2, "stop_at": 3, "work_dir": "/elsewhere"}
+    path = save_checkpoint(tmp_path / "run" / "latest.pkl", {
+        "state_dict": model.state_dict(), "optimizer": {}, "iteration": 1, "seed": 5,
+        "meta": {"args": recorded}}, config=model.config)
+    config = train.parse_args(["--resume", str(tmp_path / "run")])
+    assert (config.dataset, config.data_root, config.lr, config.iters, config.seed) == ("folder", "/data", 0.5, 9, 5)
+    assert (config.eval_window, config.eval_max_images, config.stop_at) == (64, 2, None)
+    assert (config.backbone, config.recurrence, config.dropout) == ("resnet18", 1, 0.2)
+    assert config.model_opts["head_channels"] == 16 and config.work_dir == str(tmp_path / "run")
+    config = train.parse_args(["--resume", str(path), "--lr", "0.1", "--seed", "7", "--model-opt", "head_channels=32"])
+    assert (config.lr, config.seed, config.model_opts["head_channels"], config.model_opts["base_channels"]) == \
+        (0.1, 5, 32, 8)
+    assert "trained with --seed 5" in capsys.readouterr().err
+    assert config.model_config(3).options == dict(model.config.options, head_channels=32, stem="deep")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--iters", "0"], "--iters"),
     (["--min-lr", "0.5"], "--min-lr"),
@@ -121,21 +159,21 @@ class NoisyDataset:
 
 
 def test_batch_stream_is_a_function_of_seed_and_iteration():
-    import train
-    full = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4))
+    from datasets.stream import BatchStream
+    full = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4))
     sequential = [full.next_batch(t)[:2] for t in range(7)]             # crosses 2 epochs of 10
     # Every sample once per epoch: 7 batches of 4 = 28 positions = 2.8 epochs.
     picked = [i for t in range(5) for i, _ in full.indices(t)]
     assert sorted(picked[:10]) == list(range(10)) and sorted(picked[10:20]) == list(range(10))
     # Jumping straight to iteration 5 (a resume) gives the very same batch.
-    jumped = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4)).next_batch(5)
+    jumped = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4)).next_batch(5)
     np.testing.assert_array_equal(jumped[0], sequential[5][0])
     np.testing.assert_array_equal(jumped[1], sequential[5][1])
     # Two ranks' shards together are the single-process batch, augmentation included.
-    halves = [train.BatchStream(NoisyDataset(), 4, seed=3, shard=s).next_batch(2) for s in ((0, 2), (2, 4))]
+    halves = [BatchStream(NoisyDataset(), 4, seed=3, shard=s).next_batch(2) for s in ((0, 2), (2, 4))]
     np.testing.assert_array_equal(np.concatenate([h[0] for h in halves]), sequential[2][0])
     # Worker processes change nothing.
-    pooled = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=2)
+    pooled = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=2)
     try:
         for t in (0, 1, 2):
             images, labels, waited = pooled.next_batch(t)
@@ -145,13 +183,13 @@ def test_batch_stream_is_a_function_of_seed_and_iteration():
     finally:
         pooled.close()
     # Another seed, another order.
-    other = train.BatchStream(NoisyDataset(), 4, seed=4, shard=(0, 4))
+    other = BatchStream(NoisyDataset(), 4, seed=4, shard=(0, 4))
     assert [other.indices(t) for t in range(3)] != [full.indices(t) for t in range(3)]
 
 
 def test_sgd_step_drops_the_gradients_and_updates_like_optimizer_step():
     import jittor as jt
-    import train
+    from training.step import sgd_step
     rng = np.random.RandomState(0)
     x_np, start = rng.randn(8, 3).astype(np.float32), rng.randn(3, 2).astype(np.float32)
     runs = []
@@ -161,7 +199,7 @@ def test_sgd_step_drops_the_gradients_and_updates_like_optimizer_step():
         for _ in range(3):
             loss = (jt.matmul(jt.array(x_np), weight).sqr()).mean()
             if step == "sgd_step":
-                train.sgd_step(optimizer, loss)
+                sgd_step(optimizer, loss)
                 assert "grads" not in optimizer.param_groups[0]   # nothing parameter-sized kept
             else:
                 optimizer.step(loss)
@@ -176,8 +214,8 @@ def test_batch_stream_survives_a_killed_worker():
     """A worker killed from outside (pkill, a scheduler's SIGTERM to the whole job) gives a clear
     error, and closing the stream returns (multiprocessing.Pool.terminate() used to hang here)."""
     import threading
-    import train
-    stream = train.BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=1)
+    from datasets.stream import BatchStream
+    stream = BatchStream(NoisyDataset(), 4, seed=3, shard=(0, 4), num_workers=1)
     stream.next_batch(0)
     for pid in list(stream._pool._processes):
         os.kill(pid, signal.SIGTERM)
@@ -300,6 +338,23 @@ def test_checkpoint_that_does_not_fit_fails_before_training(data, tmp_path):
     import train
     with pytest.raises(SystemExit):
         train.parse_args(["--resume", str(tmp_path / "missing")])
+
+
+def test_pretrained_v1c_backbone_gets_its_stem_and_the_run_resumes(data, tmp_path):
+    """OpenMMLab V1c weights have a narrower deep stem: the model is built with it (no flag
+    needed), the checkpoint records it, and resuming rebuilds the same model."""
+    from utils.checkpoint import read_checkpoint
+    work = tmp_path / "wd"
+    weights = os.path.join(ROOT, "tests", "fixtures", "resnet_mmseg_v1c.pth")
+    flags = tiny_flags(data, work, **{"--backbone": "resnet50", "--iters": 2, "--eval-interval": 0})
+    flags += ["--model-opt", "base_channels=2", "--model-opt", "head_channels=8", "--model-opt", "aux_channels=4"]
+    out = run_train(flags + ["--pretrained", weights, "--stop-at", "1"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "loaded" in out.stdout and "OpenMMLab ResNetV1c" in out.stdout
+    assert read_checkpoint(str(work / "latest.pkl"))["arch"]["stem_widths"] == (1, 1, 2)
+    out = run_train(["--resume", str(work), "--no-progress"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_checkpoint(str(work / "latest.pkl"))["iteration"] == 2
 
 
 def test_amp_on_cpu_is_a_clear_error(data, tmp_path):

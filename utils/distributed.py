@@ -1,6 +1,6 @@
 """Multi-process training helpers on Jittor's MPI (``mpirun -np N python train.py ...``).
 
-What Jittor already does under MPI (see ../shared/JITTOR.md): ``optimizer.step`` averages the
+What Jittor already does under MPI: ``optimizer.step`` averages the
 gradients over ranks, BatchNorm averages its batch statistics over ranks (``sync=True``). What
 it does not do, and this module does:
 
@@ -13,30 +13,31 @@ it does not do, and this module does:
 
 Every function also works without MPI (one process = rank 0 of 1).
 """
+from typing import Sequence
+
 import numpy as np
 
-import utils  # noqa: F401  (configures Jittor before it is imported)
 import jittor as jt
 
 
-def in_mpi():
+def in_mpi() -> bool:
     return bool(jt.in_mpi)
 
 
-def rank():
+def rank() -> int:
     return jt.rank if jt.in_mpi else 0
 
 
-def world_size():
+def world_size() -> int:
     return jt.world_size if jt.in_mpi else 1
 
 
-def is_main():
+def is_main() -> bool:
     """True on the one process that writes files and prints progress."""
     return rank() == 0
 
 
-def shard_bounds(global_batch, rank_=None, world=None):
+def shard_bounds(global_batch: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:
     """[start, stop) of this rank's part of a global batch of ``global_batch`` samples."""
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
@@ -47,7 +48,7 @@ def shard_bounds(global_batch, rank_=None, world=None):
     return rank_ * per_rank, (rank_ + 1) * per_rank
 
 
-def broadcast_module(module, root=0):
+def broadcast_module(module: jt.Module, root: int = 0) -> None:
     """Copy ``root``'s parameters and buffers (BN running stats) to every rank, in place."""
     if not jt.in_mpi:
         return
@@ -57,7 +58,7 @@ def broadcast_module(module, root=0):
     jt.sync_all(True)
 
 
-def broadcast_int(value, root=0):
+def broadcast_int(value: int, root: int = 0) -> int:
     """``root``'s integer on every rank (e.g. a seed drawn from the clock on rank 0)."""
     if not jt.in_mpi:
         return int(value)
@@ -66,7 +67,7 @@ def broadcast_int(value, root=0):
     return int(buf[0])
 
 
-def all_reduce_mean(value):
+def all_reduce_mean(value: float | Sequence[float]) -> float | list[float]:
     """Mean over ranks of a float, or elementwise of a list of floats (one collective for all of
     them; training losses for the log equal the full-batch losses)."""
     values = np.atleast_1d(np.asarray(value, dtype=np.float64))
@@ -75,7 +76,7 @@ def all_reduce_mean(value):
     return float(values[0]) if np.ndim(value) == 0 else [float(v) for v in values]
 
 
-def any_rank(flag):
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. a NaN loss somewhere)."""
     if not jt.in_mpi:
         return bool(flag)

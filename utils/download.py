@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Iterable
 
 CHUNK = 1 << 20
 USER_AGENT = "ccnet-jittor (python urllib)"
@@ -34,19 +35,19 @@ class DownloadError(RuntimeError):
     """A download failed; nothing was written to the cache."""
 
 
-def ccnet_home():
+def ccnet_home() -> Path:
     """Root of everything ccnet-jittor caches: ``$CCNET_HOME`` or ``~/.cache/ccnet-jittor``."""
     return Path(os.environ.get("CCNET_HOME") or Path.home() / ".cache" / "ccnet-jittor").expanduser()
 
 
-def cache_dir(subdir="checkpoints"):
+def cache_dir(subdir: str = "checkpoints") -> Path:
     """The cache folder for downloads (created on demand)."""
     path = ccnet_home() / subdir
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def sha256_of(path, chunk=CHUNK):
+def sha256_of(path: str | os.PathLike, chunk: int = CHUNK) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -54,7 +55,7 @@ def sha256_of(path, chunk=CHUNK):
     return digest.hexdigest()
 
 
-def hash_matches(actual, expected):
+def hash_matches(actual: str, expected: str | None) -> bool:
     """``expected`` is a full SHA-256 or a published prefix of one (torch.hub / OpenMMLab file names
     carry the first 8 hex digits); shorter than 8 digits would check next to nothing."""
     expected = expected.lower().strip()
@@ -65,7 +66,7 @@ def hash_matches(actual, expected):
 
 # ---------------------------------------------------------------- Google Drive links
 
-def drive_file_id(url):
+def drive_file_id(url: str) -> str | None:
     """The file id of a Google Drive share/download link, or None for other URLs."""
     parts = urllib.parse.urlsplit(url)
     if parts.hostname not in DRIVE_HOSTS:
@@ -77,7 +78,7 @@ def drive_file_id(url):
     return ids[0] if ids else None
 
 
-def direct_url(url):
+def direct_url(url: str) -> str:
     """Rewrite a Drive share link to its direct-download form; other URLs are returned unchanged."""
     file_id = drive_file_id(url)
     if file_id is None:
@@ -102,7 +103,7 @@ class _FormParser(HTMLParser):
             self.links.append(attrs["href"])
 
 
-def confirmation_url(page, page_url, cookies=()):
+def confirmation_url(page: str, page_url: str, cookies: Iterable = ()) -> str | None:
     """The URL that confirms a large-file download on a Drive warning page, or None.
 
     ``page``: the HTML text; ``page_url``: where it came from (relative links resolve against it);
@@ -176,7 +177,8 @@ def _open_file_response(url, timeout):
     raise DownloadError(f"{url}: still getting confirmation pages after {MAX_CONFIRM_STEPS} steps")
 
 
-def download(url, filename=None, sha256=None, directory=None, progress=True, timeout=60):
+def download(url: str, filename: str | None = None, sha256: str | None = None,
+             directory: str | os.PathLike | None = None, progress: bool = True, timeout: float = 60) -> Path:
     """Download ``url`` into the cache (or ``directory``) and return the file's Path.
 
     ``filename``: name in the cache (default: from the server or the URL). ``sha256``: full hash or

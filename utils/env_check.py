@@ -1,7 +1,7 @@
 """`python -m utils.env_check`: compile Jittor if needed and print the device / oneDNN line.
 
-Run once after installing: the first `import jittor` compiles Jittor's core (~3 minutes on
-2 cores), which is better done here than inside the first test or training run.
+Run once after installing: the first `import jittor` compiles Jittor's core (minutes on
+a small machine), which is better done here than inside the first test or training run.
 """
 from utils import runtime
 

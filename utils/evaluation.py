@@ -7,7 +7,10 @@ and the arg-max prediction is compared with the ground truth at the original siz
 Under MPI each rank takes every ``world_size``-th image and the confusion matrices are summed
 (``ConfusionMatrix.summary``), so all ranks return the same numbers.
 """
+from typing import Any, Callable, Iterable, Sequence
+
 import numpy as np
+from jittor import nn
 from tqdm import tqdm
 
 from . import distributed as dist
@@ -15,9 +18,11 @@ from .inference import clip_inference
 from .metrics import ConfusionMatrix
 
 
-def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False,
-             progress=True, base_size=None, average="prob", on_prediction=None, indices=None,
-             num_classes=None):
+def evaluate(model: nn.Module, dataset: Any, mode: str = "whole", crop_size: int | Sequence[int] | None = None,
+             stride: int | Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
+             progress: bool = True, base_size: Sequence[int] | None = None, average: str = "prob",
+             on_prediction: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+             indices: Iterable[int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
     """Run the model over ``dataset`` and return ``ConfusionMatrix.summary()`` plus ``num_images``.
 
     ``mode``, ``crop_size``, ``stride``, ``scales``, ``flip``, ``base_size``, ``average``: see
@@ -68,67 +73,6 @@ def evaluate(model, dataset, mode="whole", crop_size=None, stride=None, scales=(
     result = matrix.summary()
     result["num_images"] = len(indices)
     return result
-
-
-class ModelLoadError(ValueError):
-    """The model cannot be built, or the checkpoint does not fit it (message is user-facing)."""
-
-
-def load_model_for_inference(checkpoint, num_classes=None, backbone=None, recurrence=None, log=None):
-    """CCNet in eval mode with ``checkpoint``'s weights (a path, URL or model-zoo name).
-
-    The architecture is the one the checkpoint records or its weights show (utils.checkpoint:
-    backbone, stem variant, head activation, ...); ``num_classes`` / ``backbone`` / ``recurrence``
-    given here override it, and a checkpoint that then does not fit is an error listing the
-    missing / unexpected keys and mismatched shapes. Returns ``(model, info)`` with
-    ``info = dict(backbone=..., num_classes=..., recurrence=...)``; every failure is a
-    ``ModelLoadError`` with a user-facing message (scripts print it and exit with status 2).
-    """
-    import models
-    from utils import checkpoint as ckpt
-
-    try:
-        prepared = ckpt.Prepared(checkpoint)
-    except (ckpt.CheckpointError, ValueError, KeyError, OSError, EOFError, TypeError) as err:
-        raise ModelLoadError(f"cannot read checkpoint {checkpoint}: {one_paragraph(err)}") from None
-    if prepared.layout.kind != "segmentor":
-        raise ModelLoadError(f"{checkpoint} holds {prepared.layout.description} weights (a backbone only), "
-                             "not a full segmentation model")
-    arch = dict(prepared.arch)
-    try:
-        if backbone and models.resolve_backbone_name(backbone) != arch.get("backbone"):
-            # another backbone: the checkpoint's backbone options do not apply to it
-            arch = {k: v for k, v in arch.items() if k in models.HEAD_OPTIONS or k in ("num_classes", "recurrence")}
-            arch["backbone"] = backbone
-    except ValueError as err:
-        raise ModelLoadError(str(err)) from None
-    if num_classes is not None:
-        arch["num_classes"] = int(num_classes)
-    if recurrence is not None:
-        arch["recurrence"] = int(recurrence)
-    arch.setdefault("recurrence", 2)
-    if "num_classes" not in arch or "backbone" not in arch:
-        raise ModelLoadError(f"{checkpoint} does not say its backbone / number of classes: "
-                             "pass --backbone and --num-classes")
-    try:
-        model = ckpt.build_from_arch(arch)
-    except (ValueError, KeyError, TypeError) as err:
-        raise ModelLoadError(f"cannot build the model {arch}: {one_paragraph(err)}") from None
-    try:
-        ckpt.load_checkpoint(model, prepared, log=log)
-    except (ckpt.CheckpointError, ValueError, KeyError) as err:
-        raise ModelLoadError(
-            f"checkpoint {checkpoint} does not fit a CCNet with backbone {arch['backbone']}, "
-            f"{arch['num_classes']} classes (set --backbone / --num-classes to how it was trained; "
-            f"the checkpoint's own values are used when you leave them out): {err}") from None
-    model.eval()
-    return model, dict(backbone=arch["backbone"], num_classes=arch["num_classes"], recurrence=arch["recurrence"])
-
-
-def one_paragraph(err, limit=4000):
-    """An exception's message on one line (long key lists cut at ``limit`` characters)."""
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _sample_name(dataset, index):

@@ -18,6 +18,7 @@ message.
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from . import visualize
 IMAGES = Path(__file__).resolve().parents[1] / "images"
 
 
-def criss_cross_figure(path, size=(9, 11), pixel=(3, 6)):
+def criss_cross_figure(path: Path, size: tuple[int, int] = (9, 11), pixel: tuple[int, int] = (3, 6)) -> Path:
     """Geometry of one and two criss-cross loops on a ``size`` = (H, W) grid for ``pixel`` (y, x)."""
     plt = visualize.pyplot()
     from matplotlib.colors import ListedColormap
@@ -78,7 +79,7 @@ def _predict(model, rgb):
     return inference(model, normalize(rgb)).numpy().argmax(0)
 
 
-def predictions_figure(path, model, dataset, count=4):
+def predictions_figure(path: Path, model: Any, dataset: Any, count: int = 4) -> Path:
     """Rows of (image, ground truth, prediction) for the first ``count`` validation images."""
     plt = visualize.pyplot()
     from matplotlib.patches import Patch
@@ -106,7 +107,7 @@ def predictions_figure(path, model, dataset, count=4):
     return path
 
 
-def attention_figure(path, model, dataset):
+def attention_figure(path: Path, model: Any, dataset: Any) -> Path:
     """Attention of a pixel on a context-decided disc or square (demo set) after loops 1 and 2."""
     context = set(getattr(dataset, "CONTEXT_CLASSES", ()))
     from datasets.transforms import normalize
@@ -124,7 +125,7 @@ def attention_figure(path, model, dataset):
     raise RuntimeError("no demo image has a disc or square of a context class")
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Regenerate the pictures in images/.")
     parser.add_argument("--checkpoint", default=None,
                         help="demo-set checkpoint (python train.py --dataset demo) for the model figures")
@@ -142,11 +143,11 @@ def main(argv=None):
         return
     from utils import runtime
     runtime.activate()
-    from utils.evaluation import ModelLoadError, load_model_for_inference
+    from utils.checkpoint import CheckpointError, build_model_from_checkpoint
     dataset = _demo_dataset()
     try:
-        model, _ = load_model_for_inference(args.checkpoint, dataset.num_classes)
-    except ModelLoadError as err:
+        model = build_model_from_checkpoint(args.checkpoint, dict(num_classes=dataset.num_classes), log=None)
+    except CheckpointError as err:
         sys.exit(f"figures: error: {err}")
     print(f"wrote {predictions_figure(out / 'demo_predictions.png', model, dataset)}")
     print(f"wrote {attention_figure(out / 'attention.png', model, dataset)}")

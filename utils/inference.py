@@ -12,7 +12,7 @@ How the views are combined, and why:
   (``predict_sliding`` in speedinghzl/CCNet) and mmsegmentation's ``slide_inference``.
 * **scales and flip**: each view (scale x flip) is resized back to the original size and their
   **softmax probabilities** are averaged, as mmsegmentation's ``aug_test`` does (its published
-  multi-scale numbers, DESIGN.md section 5, are what users compare with). Averaging probabilities
+  published multi-scale numbers are what users compare with). Averaging probabilities
   keeps one over-confident view from dominating; the official CCNet script averages logits,
   available here as ``average="logit"``. With more than one view the function returns the log of
   the averaged probabilities: still a logit tensor (softmax of it gives the averaged
@@ -22,9 +22,10 @@ How the views are combined, and why:
   uses (2048, 512)); without it, ``s`` multiplies the original size.
 
 The model must be in eval mode (``model.eval()``): CCNet then returns logits upsampled to its
-input size (contract 3).
+input size.
 """
 import math
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -35,8 +36,10 @@ MODES = ("whole", "slide")
 AVERAGES = ("prob", "logit")
 
 
-def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1.0,), flip=False,
-              base_size=None, average="prob"):
+def inference(model: Callable[[jt.Var], Any], image: np.ndarray | jt.Var, mode: str = "whole",
+              crop_size: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
+              scales: Sequence[float] = (1.0,), flip: bool = False, base_size: Sequence[int] | None = None,
+              average: str = "prob") -> jt.Var:
     """Scores ``[B, C, H, W]`` (or ``[C, H, W]`` for a single ``[3, H, W]`` image) as a ``jt.Var``.
 
     ``image``: normalised float image(s), numpy or ``jt.Var``, ``[3, H, W]`` or ``[B, 3, H, W]``.
@@ -52,7 +55,7 @@ def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1
         raise ValueError(f"scales must be positive numbers, got {scales}")
     if mode == "slide":
         if crop_size is None:
-            raise ValueError("sliding-window inference needs crop_size (e.g. --crop-size 512)")
+            raise ValueError("sliding-window inference needs crop_size (e.g. test.py --window 512)")
         crop_size = _pair(crop_size, "crop_size")
         stride = _pair(stride, "stride") if stride is not None else tuple(
             int(math.ceil(c * 2 / 3)) for c in crop_size)
@@ -85,7 +88,7 @@ def inference(model, image, mode="whole", crop_size=None, stride=None, scales=(1
     return scores[0] if single else scores
 
 
-def clip_inference(model, frames, **options):
+def clip_inference(model: nn.Module, frames: np.ndarray, **options: Any) -> jt.Var:
     """Scores ``[T, C, H, W]`` for the normalised frames ``[T, 3, H, W]`` of one clip.
 
     A temporal model (``model.temporal``, models/ccnet3d.py) sees the frames as one clip, so they
@@ -113,7 +116,8 @@ def _whole(model, x):
     return out
 
 
-def tile_boxes(height, width, crop_size, stride):
+def tile_boxes(height: int, width: int, crop_size: Sequence[int],
+               stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) of every sliding-window tile, row-major (official CCNet tiling)."""
     (crop_h, crop_w), (stride_h, stride_w) = crop_size, stride
     rows = max(int(math.ceil((height - crop_h) / stride_h)), 0) + 1

@@ -11,6 +11,7 @@ that keeps nothing and writes nothing.
 import json
 import math
 import os
+from typing import Any, Mapping, Sequence
 
 LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
@@ -30,7 +31,7 @@ def _jsonable(value):
     return value
 
 
-def read_log(path):
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a JSON-lines log (a torn last line from a crash is skipped)."""
     records = []
     with open(path) as f:
@@ -48,7 +49,7 @@ def read_log(path):
 class TrainLogger:
     """Appends records to ``<work_dir>/log.jsonl`` and draws ``<work_dir>/curves.png``."""
 
-    def __init__(self, work_dir, enabled=True):
+    def __init__(self, work_dir: str | os.PathLike, enabled: bool = True) -> None:
         self.work_dir = work_dir
         self.enabled = enabled
         self.path = os.path.join(work_dir, LOG_NAME)
@@ -56,13 +57,13 @@ class TrainLogger:
         if enabled:
             os.makedirs(work_dir, exist_ok=True)
 
-    def start_fresh(self):
+    def start_fresh(self) -> None:
         """Begin a new log (an old one in the same work dir is replaced)."""
         self.records = []
         if self.enabled:
             open(self.path, "w").close()
 
-    def resume(self, iteration):
+    def resume(self, iteration: int) -> None:
         """Continue the log of a run resumed at ``iteration``: records from later iterations
         (written after the checkpoint, before a crash) are dropped so the log reads as one run."""
         if not self.enabled:
@@ -75,7 +76,7 @@ class TrainLogger:
                 f.write(json.dumps(record) + "\n")
         os.replace(tmp, self.path)
 
-    def log(self, record):
+    def log(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = _jsonable(dict(record))
@@ -83,7 +84,7 @@ class TrainLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def plot(self, path=None):
+    def plot(self, path: str | os.PathLike | None = None) -> str | os.PathLike | None:
         """Draw training loss and validation mIoU over iterations; returns the PNG path."""
         if not self.enabled:
             return None
@@ -92,7 +93,7 @@ class TrainLogger:
         return path
 
 
-def plot_curves(records, path):
+def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """Two panels: loss (raw + moving average) and validation mIoU, against the iteration."""
     from .visualize import pyplot
     plt = pyplot()

@@ -5,9 +5,10 @@
 rescaled so that iteration 0 still gets exactly ``base_lr`` (mmsegmentation's PolyLrUpdaterHook:
 ``(base - min) * (1 - t/T) ** power + min``).
 """
+from typing import Any
 
 
-def poly_lr(base_lr, iteration, max_iters, power=0.9, min_lr=0.0):
+def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9, min_lr: float = 0.0) -> float:
     """Learning rate of iteration ``iteration`` (0-based) in a run of ``max_iters`` iterations."""
     if max_iters <= 0:
         raise ValueError(f"max_iters must be positive, got {max_iters}")
@@ -26,7 +27,8 @@ class PolyLR:
     multiplies the base rate by it.
     """
 
-    def __init__(self, optimizer, base_lr, max_iters, power=0.9, min_lr=0.0):
+    def __init__(self, optimizer: Any, base_lr: float, max_iters: int, power: float = 0.9,
+                 min_lr: float = 0.0) -> None:
         self.optimizer = optimizer
         self.base_lr = base_lr
         self.max_iters = max_iters
@@ -34,10 +36,10 @@ class PolyLR:
         self.min_lr = min_lr
         poly_lr(base_lr, 0, max_iters, power, min_lr)      # validate the arguments now
 
-    def lr_at(self, iteration):
+    def lr_at(self, iteration: int) -> float:
         return poly_lr(self.base_lr, iteration, self.max_iters, self.power, self.min_lr)
 
-    def step(self, iteration):
+    def step(self, iteration: int) -> float:
         """Apply the rate for ``iteration`` to all parameter groups; returns the base rate."""
         lr = self.lr_at(iteration)
         self.optimizer.lr = lr

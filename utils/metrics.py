@@ -12,6 +12,8 @@ Conventions (the same as mmsegmentation's ``total_area_to_metrics``):
 All numbers are fractions in [0, 1]. Under MPI (``mpirun -np N``), ``summary()`` first sums the
 matrices of all ranks, so every rank must call it.
 """
+from typing import Any
+
 import numpy as np
 
 
@@ -21,17 +23,17 @@ class ConfusionMatrix:
     ``update(pred, label)`` takes integer arrays (numpy or ``jt.Var``) of the same shape.
     """
 
-    def __init__(self, num_classes, ignore_index=255):
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ignore_index = ignore_index
         self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
-    def reset(self):
+    def reset(self) -> None:
         self.matrix[:] = 0
 
-    def update(self, pred, label):
+    def update(self, pred: np.ndarray, label: np.ndarray) -> "ConfusionMatrix":
         """Add one image (or a batch) to the matrix. Returns self."""
         pred, label = _as_numpy(pred), _as_numpy(label)
         if pred.shape != label.shape:
@@ -50,14 +52,14 @@ class ConfusionMatrix:
         self.matrix += np.bincount(label * n + pred, minlength=n * n).reshape(n, n)
         return self
 
-    def merge(self, other):
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         """Add another accumulator's counts (e.g. from a worker process)."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class matrix into {self.num_classes}-class one")
         self.matrix += other.matrix
         return self
 
-    def synchronized(self):
+    def synchronized(self) -> np.ndarray:
         """The matrix summed over all MPI ranks (this rank's own matrix when not under MPI).
 
         Jittor's ``mpi_all_reduce`` maps int64 to ``MPI_DOUBLE_INT`` (a pair type), so the counts
@@ -69,13 +71,13 @@ class ConfusionMatrix:
         summed = jt.array(self.matrix.astype(np.float64)).mpi_all_reduce("add").numpy()
         return np.rint(summed).astype(np.int64)
 
-    def summary(self, reduce=True):
+    def summary(self, reduce: bool = True) -> dict[str, Any]:
         """dict(mIoU, mAcc, aAcc, IoU=[per class], Acc=[per class]); fractions, NaN for absent classes."""
         matrix = self.synchronized() if reduce else self.matrix
         return summarize(matrix)
 
 
-def summarize(matrix):
+def summarize(matrix: np.ndarray) -> dict[str, Any]:
     """Metrics of a ``[C, C]`` confusion matrix indexed ``[ground truth, prediction]``."""
     matrix = np.asarray(matrix, dtype=np.float64)
     true_positive = np.diag(matrix)

@@ -3,7 +3,7 @@
 Every entry: ``url`` (plus ``mirrors``), ``filename`` in the cache, ``sha256`` (None: no full
 hash is published, we do not make one up) and ``sha256_prefix`` (the first 8 hex digits of the
 SHA-256 that torch.hub / OpenMMLab file names carry, checked after download), ``layout`` (how
-utils.checkpoint maps its keys), ``kind`` ("segmentor": a full CCNet; "backbone": ImageNet
+models.WEIGHT_LAYOUTS entry its keys follow), ``kind`` ("segmentor": a full CCNet; "backbone": ImageNet
 weights for ``train.py --pretrained``), ``arch`` (the build_model options it was trained with),
 and the published accuracy (``miou`` single-scale / multi-scale+flip, ``top1``).
 
@@ -12,17 +12,13 @@ configs/ccnet/README.md, mmcv's open_mmlab.json (open-mmlab://resnet101_v1c), to
 resnet.py, the CCNet README's link to the MIT CSAIL ImageNet ResNet, and the VAN-Classification
 README (Hugging Face, Tsinghua Cloud and Google Drive copies).
 """
-import os
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
-from .checkpoint import CheckpointError
+from .download import DownloadError, download
 
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/ccnet"
-
-
-class UnknownSourceError(CheckpointError):
-    """Neither an existing file, nor a URL, nor a model zoo name."""
 
 
 def _official(drive_id, recurrence, miou, ohem=False):
@@ -114,17 +110,23 @@ MODEL_ZOO = {
 ALIASES = {"van_base": "van_b2", "resnet101_imagenet": "resnet101_mit_csail"}
 
 
-def zoo_entry(name):
-    """The zoo entry for ``name`` (or an alias), with its canonical ``name`` and cache ``filename``."""
+def canonical_name(name: str) -> str | None:
+    """The zoo name ``name`` stands for (itself or the name of an alias); None when it is neither."""
     canonical = ALIASES.get(name, name)
-    if canonical not in MODEL_ZOO:
-        raise UnknownSourceError(f"unknown model zoo name {name!r}; valid names: {', '.join(valid_names())}")
+    return canonical if canonical in MODEL_ZOO else None
+
+
+def zoo_entry(name: str) -> dict[str, Any]:
+    """The zoo entry for ``name`` (or an alias), with its canonical ``name`` and cache ``filename``."""
+    canonical = canonical_name(name)
+    if canonical is None:
+        raise KeyError(f"unknown model zoo name {name!r}; valid names: {', '.join(valid_names())}")
     entry = dict(MODEL_ZOO[canonical], name=canonical)
     entry.setdefault("filename", _cache_name(canonical, entry["url"]))
     return entry
 
 
-def valid_names():
+def valid_names() -> list[str]:
     return sorted(MODEL_ZOO) + sorted(f"{a} (= {n})" for a, n in ALIASES.items())
 
 
@@ -133,9 +135,8 @@ def _cache_name(name, url):
     return tail if re.search(r"\.(pth|pt|tar|pkl)$", tail) else f"{name}.pth"
 
 
-def download_entry(entry, progress=True):
+def download_entry(entry: Mapping[str, Any], progress: bool = True) -> Path:
     """Download a zoo entry (trying its mirrors in turn); returns the cached path."""
-    from .download import DownloadError, download
     errors = []
     for url in (entry["url"], *entry.get("mirrors", ())):
         try:
@@ -144,31 +145,10 @@ def download_entry(entry, progress=True):
         except DownloadError as err:
             errors.append(f"  {url}: {err}")
     raise DownloadError(f"could not download {entry['name']!r}:\n" + "\n".join(errors) +
-                        f"\nDownload it by hand and pass the file's path instead.")
+                        "\nDownload it by hand and pass the file's path instead.")
 
 
-def is_url(text):
-    return bool(re.match(r"^https?://", text))
-
-
-def resolve_source(source, progress=True):
-    """Local path for a checkpoint given as an existing path, an http(s) URL or a zoo name."""
-    text = os.fspath(source)
-    if os.path.isfile(os.path.expanduser(text)):
-        return Path(os.path.expanduser(text))
-    if is_url(text):
-        from .download import download
-        return download(text, progress=progress)
-    canonical = ALIASES.get(text, text)
-    if canonical in MODEL_ZOO:
-        return download_entry(zoo_entry(canonical), progress=progress)
-    looks_like_path = os.sep in text or "." in Path(text).name
-    what = f"checkpoint file not found: {text}" if looks_like_path else f"unknown model zoo name {text!r}"
-    raise UnknownSourceError(f"{what}. A checkpoint is an existing file, an http(s) URL, or one of the "
-                             f"model zoo names: {', '.join(valid_names())}")
-
-
-def zoo_table():
+def zoo_table() -> str:
     """Markdown table of the zoo (for the README)."""
     rows = ["| name | kind | layout | published | source |", "|---|---|---|---|---|"]
     for name in MODEL_ZOO:

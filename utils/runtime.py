@@ -2,11 +2,16 @@
 
 Every entry point and package of ccnet-jittor imports this module first (``utils/__init__.py``
 does it), so ``import jittor`` anywhere in the project sees the environment chosen here.
-What it decides, following ../shared/JITTOR.md:
+What it decides:
 
-* device: CUDA only when a GPU answers through ``libcuda.so.1`` *and* an nvcc of CUDA <= 12 is
-  found (Jittor 1.3.11 cannot build against CUDA 13); otherwise CPU (``nvcc_path=""``), because a
-  plain ``import jittor`` crashes on machines with nvcc but no CUDA runtime.
+* device: CUDA when a GPU answers through ``libcuda.so.1`` and an nvcc is found: CUDA <= 12 as
+  Jittor finds it, CUDA 13 through ``utils.cuda_setup`` (a patched copy of Jittor and a CUDA home
+  with the cuBLAS / cuDNN / cuRAND wheels); otherwise CPU (``nvcc_path=""``), because a plain
+  ``import jittor`` crashes on machines with nvcc but no CUDA runtime. A GPU that cannot be used
+  gets a loud warning with the reason; with ``CCNET_REQUIRE_CUDA=1`` it is an error instead.
+  On CUDA, Jittor's downloads of NCCL, cuTT and CUTLASS (unreachable offline) are switched off.
+* python3.X-config: Jittor asks it for Python's include flags; a virtual environment often has
+  none, so a stand-in that reads ``sysconfig`` is written into Jittor's cache.
 * oneDNN: Jittor would download oneDNN 2.2 from a server we cannot reach; instead we point its
   cache folder at the ``onednn-cpu-gomp`` wheels (or Debian's libdnnl). Without oneDNN, CPU
   convolutions are ~250x slower, so that case gets a loud warning.
@@ -17,14 +22,17 @@ Any of these environment variables that the user set already wins: we only fill 
 import ctypes
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-MAX_CUDA_MAJOR = 12          # Jittor 1.3.11 does not compile against CUDA 13 headers
+from utils import cuda_setup
+
+MAX_UNPATCHED_CUDA_MAJOR = 12   # Jittor 1.3.11 builds as it is up to CUDA 12; 13 needs cuda_setup
+# Jittor downloads these from servers we cannot reach when CUDA is on; off unless the user says so
+CUDA_DOWNLOADS_OFF = {"use_nccl": "0", "use_cutt": "0", "use_cutlass": "0"}
 DNNL_DIR_NAME = "dnnl_lnx_2.2.0_cpu_gomp"   # the folder name Jittor looks for in its cache
 
 _state = {}                  # filled once by configure(); read by describe()
@@ -49,29 +57,38 @@ def _find_nvcc():
     return None
 
 
-def _nvcc_major(nvcc):
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"release (\d+)\.", out)
-    return int(match.group(1)) if match else None
+@dataclass(frozen=True)
+class DeviceChoice:
+    use_cuda: bool
+    reason: str                 # for the stderr line
+    gpu_unused: bool = False    # a GPU is there but CUDA cannot be used: say so loudly
+    cuda_setup: object = None   # cuda_setup.CudaSetup for CUDA 13
 
 
 def _choose_device():
-    """Return (use_cuda, reason). Never raises."""
+    """Decide CPU or CUDA (and prepare CUDA 13). Never raises."""
     if "nvcc_path" in os.environ:                       # the user decided
-        return bool(os.environ["nvcc_path"]), "nvcc_path set by the user"
+        return DeviceChoice(bool(os.environ["nvcc_path"]), "nvcc_path set by the user")
     gpus = _cuda_device_count()
     if gpus == 0:
-        return False, "no CUDA GPU"
+        return DeviceChoice(False, "no CUDA GPU")
     nvcc = _find_nvcc()
     if nvcc is None:
-        return False, f"{gpus} GPU(s) but no nvcc found"
-    major = _nvcc_major(nvcc)
-    if major is None or major > MAX_CUDA_MAJOR:
-        return False, f"{gpus} GPU(s) but {nvcc} is CUDA {major}; Jittor 1.3.11 needs CUDA <= {MAX_CUDA_MAJOR}"
-    return True, f"{gpus} GPU(s), {nvcc} (CUDA {major})"
+        return DeviceChoice(False, f"{gpus} GPU(s) but no nvcc found", gpu_unused=True)
+    release = cuda_setup.nvcc_release(nvcc)
+    if release is None:
+        return DeviceChoice(False, f"{gpus} GPU(s) but `{nvcc} --version` does not answer", gpu_unused=True)
+    if release[0] <= MAX_UNPATCHED_CUDA_MAJOR:
+        return DeviceChoice(True, f"{gpus} GPU(s), {nvcc} (CUDA {release[0]})")
+    try:
+        prepared = cuda_setup.setup(nvcc, _jittor_home() / ".cache" / "jittor" / "ccnet-cuda13")
+    except (cuda_setup.CudaSetupError, OSError) as err:
+        return DeviceChoice(False, f"{gpus} GPU(s) but CUDA {release[0]} cannot be set up: {err}",
+                            gpu_unused=True)
+    missing = [cuda_setup.CUDA_LIBRARIES[name] for name, found in prepared.libraries.items() if not found]
+    hint = f"; without {', '.join(missing)} Jittor uses its own slower kernels" if missing else ""
+    return DeviceChoice(True, f"{gpus} GPU(s), {nvcc} (CUDA {release[0]}, patched Jittor{hint})",
+                        cuda_setup=prepared)
 
 
 def _jittor_home():
@@ -122,15 +139,66 @@ def _wire_onednn():
     return False
 
 
+_PYTHON_CONFIG = """#!{python}
+import sys, sysconfig
+answers = {{"--includes": "-I" + sysconfig.get_paths()["include"],
+           "--extension-suffix": sysconfig.get_config_var("EXT_SUFFIX"),
+           "--ldflags": "-L" + (sysconfig.get_config_var("LIBDIR") or "")}}
+print(" ".join(answers[arg] for arg in sys.argv[1:]))
+"""
+
+
+def _python_config_candidates():
+    """Where Jittor 1.3.11 looks for python3.X-config (jittor_utils.get_py3_config_path)."""
+    exe_dir = Path(sys.executable).parent
+    name = f"python3.{sys.version_info.minor}-config"
+    return (exe_dir / name, Path(sys.executable + "-config"), Path("/usr/bin") / name,
+            Path("/usr/local/bin") / name, exe_dir / "python3-config")
+
+
+def _wire_python_config():
+    """Point Jittor at a python3.X-config when none sits where it looks (virtual environments)."""
+    if "python_config_path" in os.environ or any(c.is_file() for c in _python_config_candidates()):
+        return
+    script = (_jittor_home() / ".cache" / "jittor" / "ccnet-python-config"
+              / f"python3.{sys.version_info.minor}-config")
+    try:
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(_PYTHON_CONFIG.format(python=sys.executable))
+        script.chmod(0o755)
+    except OSError as err:
+        warnings.warn(f"no {script.name} for Jittor and none could be written to {script}: {err}")
+        return
+    os.environ["python_config_path"] = str(script)
+
+
+def _cuda_refused(reason):
+    """CUDA will not be used although a GPU is there (or CUDA is required): a loud warning, or an
+    error under CCNET_REQUIRE_CUDA=1."""
+    message = f"CUDA not used, running on CPU: {reason}"
+    if os.environ.get("CCNET_REQUIRE_CUDA", "0") == "1":
+        raise RuntimeError(message + " (CCNET_REQUIRE_CUDA=1)")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def configure():
     """Set Jittor's environment once per process (idempotent). Must run before ``import jittor``."""
     if _state:
         return _state
     if "jittor" in sys.modules:
         warnings.warn("jittor was imported before utils.runtime: its device/oneDNN setup may be wrong")
-    use_cuda, device_reason = _choose_device()
-    if not use_cuda:
+    choice = _choose_device()
+    if not choice.use_cuda:
+        if choice.gpu_unused or os.environ.get("CCNET_REQUIRE_CUDA", "0") == "1":
+            _cuda_refused(choice.reason)
         os.environ.setdefault("nvcc_path", "")
+    else:
+        for name, value in CUDA_DOWNLOADS_OFF.items():
+            os.environ.setdefault(name, value)
+    if choice.cuda_setup is not None:
+        os.environ["nvcc_path"] = choice.cuda_setup.nvcc_path
+        sys.path.insert(0, choice.cuda_setup.jittor_root)
+    _wire_python_config()
     os.environ.setdefault("log_silent", "1")
     os.environ.setdefault("FIX_TORCH_ERROR", "0")
 
@@ -143,25 +211,35 @@ def configure():
                 "oneDNN not found: CPU convolutions will be ~250x slower. "
                 "Install it with: pip install onednn-cpu-gomp==2021.2.0 onednn-devel-cpu-gomp==2021.2.0",
                 RuntimeWarning, stacklevel=2)
-    _state.update(use_cuda=use_cuda, device_reason=device_reason, onednn_wired=onednn)
+    _state.update(use_cuda=choice.use_cuda, device_reason=choice.reason, onednn_wired=onednn,
+                  cuda_setup=choice.cuda_setup)
     return _state
 
 
 def describe():
-    """One short line: which device Jittor runs on and whether oneDNN is active."""
+    """One short line: which device Jittor runs on, whether oneDNN (and on CUDA cuDNN / cuBLAS)
+    are active."""
     import jittor as jt
     from jittor import compile_extern
     device = "cuda" if jt.flags.use_cuda else "cpu"
     onednn = "on" if compile_extern.mkl_ops is not None else "OFF (CPU convs ~250x slower)"
-    return f"ccnet-jittor: device={device} ({_state.get('device_reason', '?')}), oneDNN {onednn}"
+    line = f"ccnet-jittor: device={device} ({_state.get('device_reason', '?')}), oneDNN {onednn}"
+    if jt.flags.use_cuda:
+        for name in ("cudnn", "cublas"):
+            line += f", {name} {'on' if getattr(compile_extern, name, None) is not None else 'OFF'}"
+    return line
 
 
 def activate(verbose=True):
     """Import Jittor with the configured environment, enable CUDA when chosen, report once."""
     configure()
     import jittor as jt
-    if _state["use_cuda"] and jt.has_cuda:
-        jt.flags.use_cuda = 1
+    if _state["use_cuda"]:
+        if jt.has_cuda:
+            jt.flags.use_cuda = 1
+        elif not _state.get("refused"):
+            _state["refused"] = True
+            _cuda_refused(f"{_state['device_reason']}, but Jittor found no usable CUDA (see its log above)")
     if verbose and not _state.get("reported") and os.environ.get("CCNET_QUIET", "0") != "1":
         print(describe(), file=sys.stderr)
         _state["reported"] = True

@@ -1,6 +1,6 @@
 """Pictures: palette colouring, overlays, and criss-cross attention maps.
 
-Attention layout (DESIGN.md section 2): for a position u = (y, x) of an H x W feature map the
+Attention layout (that of ``models.cc_attention.ca_weight``): for a position u = (y, x) of an H x W feature map the
 attention ``A[:, y, x]`` has H+W-1 entries; entry i < W is row position (y, i), entry W+j is
 column position (j if j < y else j+1, x).
 
@@ -14,10 +14,13 @@ loops) sees any position p is the composition
 are left out, as in the paper's visualisation). Every p is reachable: through v = (y_u, x_p) or
 v = (y_p, x_u), which is the paper's argument that two loops give full-image context.
 """
+import os
+from typing import Any, Sequence
+
 import numpy as np
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend (no display on training machines)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -26,7 +29,7 @@ def pyplot():
 
 
 # --------------------------------------------------------------------------- label pictures
-def colorize(label, palette, ignore_index=255):
+def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
     """uint8 RGB picture of an integer label map; ignored / unknown values are black."""
     label = np.asarray(label)
     table = np.zeros((max(len(palette), ignore_index + 1 if ignore_index is not None else 0, 1), 3), np.uint8)
@@ -37,7 +40,7 @@ def colorize(label, palette, ignore_index=255):
     return table[safe.astype(np.int64)]
 
 
-def overlay(rgb, color, alpha=0.5):
+def overlay(rgb: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend a colour label picture onto the image (``alpha`` = weight of the labels)."""
     rgb = np.asarray(rgb, dtype=np.float32)
     color = np.asarray(color, dtype=np.float32)
@@ -46,20 +49,20 @@ def overlay(rgb, color, alpha=0.5):
     return np.clip((1 - alpha) * rgb + alpha * color + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_png(path, array):
+def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
     from PIL import Image
     Image.fromarray(np.asarray(array)).save(str(path), optimize=True)
 
 
 # --------------------------------------------------------------------------- criss-cross geometry
-def cross_positions(height, width, y, x):
+def cross_positions(height: int, width: int, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) index arrays of u=(y, x)'s H+W-1 path positions, in attention-channel order."""
     rows = np.concatenate([np.full(width, y), [j if j < y else j + 1 for j in range(height - 1)]])
     cols = np.concatenate([np.arange(width), np.full(height - 1, x)])
     return rows.astype(np.int64), cols.astype(np.int64)
 
 
-def one_loop_map(attention, y, x):
+def one_loop_map(attention: np.ndarray, y: int, x: int) -> np.ndarray:
     """[H, W] weights with which position (y, x) sees every position after one loop.
 
     ``attention``: ``[H+W-1, H, W]`` (one image of the module's attention).
@@ -71,7 +74,7 @@ def one_loop_map(attention, y, x):
     return out
 
 
-def two_loop_map(first, second, y, x):
+def two_loop_map(first: np.ndarray, second: np.ndarray, y: int, x: int) -> np.ndarray:
     """[H, W] weights with which (y, x) sees every position after two loops (see module doc)."""
     _, height, width = second.shape
     rows, cols = cross_positions(height, width, y, x)
@@ -81,15 +84,15 @@ def two_loop_map(first, second, y, x):
     return out
 
 
-def uniform_attention(height, width):
+def uniform_attention(height: int, width: int) -> np.ndarray:
     """Attention that weighs every path position equally (pure geometry, no model)."""
     return np.full((height + width - 1, height, width), 1.0 / (height + width - 1))
 
 
-def attention_from_qk(query, key):
+def attention_from_qk(query: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Softmaxed criss-cross attention ``[H+W-1, H, W]`` from one image's query/key ``[C', H, W]``.
 
-    A numpy re-statement of ``softmax(ca_weight(Q, K))`` in the DESIGN layout, used when the
+    A numpy re-statement of ``softmax(ca_weight(Q, K))`` in the layout above, used when the
     attention module does not keep its attention itself.
     """
     query, key = np.asarray(query, np.float64), np.asarray(key, np.float64)
@@ -105,7 +108,7 @@ def attention_from_qk(query, key):
     return weights / weights.sum(axis=0, keepdims=True)
 
 
-def capture_attention(model, image):
+def capture_attention(model: Any, image: np.ndarray) -> list[np.ndarray]:
     """Run ``model`` (eval mode) on one normalised image and return the list of per-loop attention
     maps of its criss-cross module, each ``[H+W-1, h, w]`` (feature resolution) numpy float64.
 
@@ -143,7 +146,7 @@ def capture_attention(model, image):
     return records
 
 
-def feature_position(point, image_size, feature_size):
+def feature_position(point: Sequence[int], image_size: Sequence[int], feature_size: Sequence[int]) -> tuple[int, int]:
     """Feature-map cell (fy, fx) holding image pixel ``point`` = (X, Y)."""
     (px, py), (height, width), (fh, fw) = point, image_size, feature_size
     if not (0 <= px < width and 0 <= py < height):
@@ -152,7 +155,7 @@ def feature_position(point, image_size, feature_size):
 
 
 # --------------------------------------------------------------------------- figures
-def heat_overlay(rgb, weights, alpha=0.6, cmap="jet", gamma=0.5):
+def heat_overlay(rgb: np.ndarray, weights: np.ndarray, alpha: float = 0.6, cmap: str = "jet", gamma: float = 0.5) -> np.ndarray:
     """Image with a heat map of ``weights`` (any size; nearest upsampled) blended on top.
 
     Colour = (weight / max) ** gamma: with gamma 0.5 the small weights two loops spread over the
@@ -169,7 +172,8 @@ def heat_overlay(rgb, weights, alpha=0.6, cmap="jet", gamma=0.5):
     return np.clip((1 - alpha) * rgb + alpha * heat + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_attention_figure(path, rgb, first, second, point, title=None):
+def save_attention_figure(path: str | os.PathLike, rgb: np.ndarray, first: np.ndarray, second: np.ndarray, point: Sequence[int],
+                          title: str | None = None) -> list[np.ndarray]:
     """[image | one loop | two loops] for image pixel ``point`` = (X, Y); ``first`` / ``second``
     are the attention maps of loops 1 and 2 (``[H+W-1, h, w]``)."""
     plt = pyplot()
