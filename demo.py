@@ -21,6 +21,7 @@ import numpy as np
 
 from utils import runtime
 from utils.cli import add_renamed_flag
+from utils.outputs import OVERWRITE_HELP, refuse_overwrite
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay")
     parser.add_argument("--attention", type=int, nargs=2, default=None, metavar=("X", "Y"),
                         help="also draw the attention of image pixel (X, Y) after one and two loops")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " in --out-dir")
     args = parser.parse_args(argv)
     if args.mode == "slide" and not args.window:
         parser.error("--mode slide needs --window")
@@ -68,6 +70,12 @@ def list_images(path):
             fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
         return images
     fail(f"input {path} is neither an image file nor a folder")
+
+
+def output_names(path, attention):
+    """The pictures written for input image ``path``."""
+    kinds = ("seg", "overlay") + (("attention",) if attention else ())
+    return [f"{Path(path).stem}_{kind}.png" for kind in kinds]
 
 
 def read_rgb(path):
@@ -99,6 +107,12 @@ def main(argv=None):
     from utils import visualize
 
     images = list_images(args.input)
+    out_dir = Path(args.out_dir)
+    try:
+        refuse_overwrite([out_dir / name for path in images for name in output_names(path, args.attention)],
+                         args.overwrite, f"--out-dir {out_dir}", instead="choose another --out-dir")
+    except FileExistsError as err:
+        fail(str(err))
     class_names, palette = dataset_info(args.dataset)
     try:    # the checkpoint's own architecture and classes, with what the flags say instead
         model = build_model_from_checkpoint(
@@ -117,7 +131,6 @@ def main(argv=None):
     if args.attention and recurrence < 2:
         fail(f"--attention draws loops 1 and 2: it needs a model with recurrence >= 2 (this one has {recurrence})")
 
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in images:
         rgb = read_rgb(path)
@@ -129,17 +142,16 @@ def main(argv=None):
             fail(f"{path}: {err}")
         pred = scores.argmax(dim=0)[0].numpy()
         color = visualize.colorize(pred, palette)
-        visualize.save_png(out_dir / f"{path.stem}_seg.png", color)
-        visualize.save_png(out_dir / f"{path.stem}_overlay.png", visualize.overlay(rgb, color, args.alpha))
-        written = [f"{path.stem}_seg.png", f"{path.stem}_overlay.png"]
+        written = output_names(path, args.attention)
+        visualize.save_png(out_dir / written[0], color)
+        visualize.save_png(out_dir / written[1], visualize.overlay(rgb, color, args.alpha))
         if args.attention:
             x, y = args.attention
             if not (0 <= x < rgb.shape[1] and 0 <= y < rgb.shape[0]):
                 fail(f"--attention {x} {y} lies outside {path} ({rgb.shape[1]}x{rgb.shape[0]} pixels)")
             first, second = visualize.capture_attention(model, image)[:2]
-            visualize.save_attention_figure(out_dir / f"{path.stem}_attention.png", rgb, first, second,
+            visualize.save_attention_figure(out_dir / written[2], rgb, first, second,
                                             (x, y), title=f"{path.name}: criss-cross attention")
-            written.append(f"{path.stem}_attention.png")
         shares = np.bincount(pred.ravel(), minlength=num_classes) / pred.size
         top = ", ".join(f"{class_names[c] if c < len(class_names) else c} {100 * shares[c]:.0f}%"
                         for c in np.argsort(-shares)[:3] if shares[c] > 0)
@@ -147,4 +159,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.supervisor import supervise
+    supervise()     # Ctrl-C / SIGTERM end the run at once and quietly, Jittor's workers with it
     main()

@@ -15,12 +15,12 @@ not fit the model, or a dataset folder without images.
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from utils import runtime
 from utils.cli import add_renamed_flag
+from utils.outputs import OVERWRITE_HELP, atomic_write, refuse_overwrite
 
 # mmsegmentation's test-time resize (keep ratio) per dataset; others are evaluated at native size.
 DEFAULT_BASE_SIZE = {"ade20k": (2048, 512)}
@@ -57,6 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="write the metrics as JSON here")
     parser.add_argument("--save-pred", default=None, metavar="DIR",
                         help="write label-map PNGs (dataset encoding) and colour overlays here")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (--out, --save-pred)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.mode == "slide" and not args.window:
@@ -91,18 +92,40 @@ class PredictionWriter:
     def __init__(self, out_dir, dataset):
         self.out_dir = Path(out_dir)
         self.overlay_dir = self.out_dir / "overlay"
-        self.overlay_dir.mkdir(parents=True, exist_ok=True)
         self.dataset = dataset
+
+    def names(self, index):
+        """The file names of one sample's predictions: <stem>.png, a clip one <clip>_<t>.png per frame."""
+        stem = Path(self.dataset.samples[index][0]).stem
+        frames = getattr(self.dataset, "clip_len", None)
+        return [f"{stem}_{t}.png" for t in range(frames)] if frames else [f"{stem}.png"]
+
+    def targets(self, indices):
+        """Every file the predictions of ``indices`` go to, label maps and overlays."""
+        names = [name for index in indices for name in self.names(index)]
+        return [self.out_dir / n for n in names] + [self.overlay_dir / n for n in names]
 
     def __call__(self, index, pred, rgb, label):
         from utils.visualize import overlay, save_png
-        stem = Path(self.dataset.samples[index][0]).stem
-        # a clip ([T, H, W] prediction) gets one file per frame: <clip>_<t>.png
-        views = [(f"{stem}_{t}", p, r) for t, (p, r) in enumerate(zip(pred, rgb))] if pred.ndim == 3 \
-            else [(stem, pred, rgb)]
-        for name, frame_pred, frame_rgb in views:
-            save_png(self.out_dir / f"{name}.png", self.dataset.encode_prediction(frame_pred))
-            save_png(self.overlay_dir / f"{name}.png", overlay(frame_rgb, self.dataset.colorize(frame_pred)))
+        self.overlay_dir.mkdir(parents=True, exist_ok=True)
+        frames = zip(pred, rgb) if pred.ndim == 3 else [(pred, rgb)]
+        for name, (frame_pred, frame_rgb) in zip(self.names(index), frames):
+            save_png(self.out_dir / name, self.dataset.encode_prediction(frame_pred))
+            save_png(self.overlay_dir / name, overlay(frame_rgb, self.dataset.colorize(frame_pred)))
+
+
+def check_outputs(args, writer, indices, dist):
+    """Stop before evaluating when --out or --save-pred would overwrite files (without --overwrite).
+    Rank 0 decides for all ranks: the others must not see the files it starts writing."""
+    targets = ([Path(args.out)] if args.out else []) + (writer.targets(indices) if writer else [])
+    problem = ""
+    try:
+        refuse_overwrite(targets, args.overwrite, "test.py outputs (--out / --save-pred)",
+                         instead="choose another --out / --save-pred")
+    except FileExistsError as err:
+        problem = str(err)
+    if dist.broadcast_int(int(bool(problem))):
+        fail(problem or "rank 0 found result files in the way of --out / --save-pred")
 
 
 def format_table(result, class_names):
@@ -137,12 +160,7 @@ def write_json(path, result, class_names, args, backbone, recurrence):
                    "flip": args.flip, "average": args.average, "base_size": resolve_base_size(args)},
         "fractions": "all metrics are fractions in [0, 1]; null = class absent from GT and prediction",
     }
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def main(argv=None):
@@ -161,6 +179,9 @@ def main(argv=None):
         fail(str(err).strip())      # keeps the expected-layout lines readable
     if len(dataset.samples) == 0:
         fail(f"dataset {args.dataset!r} split {args.split!r} under {args.data_root} has no images")
+    indices = range(min(args.max_images, len(dataset.samples))) if args.max_images else range(len(dataset.samples))
+    writer = PredictionWriter(args.save_pred, dataset) if args.save_pred else None
+    check_outputs(args, writer, indices, dist)
     num_classes = args.num_classes or dataset.num_classes
     class_names = list(dataset.CLASSES)
     if len(class_names) != num_classes:
@@ -173,8 +194,6 @@ def main(argv=None):
         fail(str(err))
     backbone, recurrence = model.config.backbone, model.config.recurrence
 
-    indices = range(min(args.max_images, len(dataset.samples))) if args.max_images else None
-    writer = PredictionWriter(args.save_pred, dataset) if args.save_pred else None
     try:
         result = evaluate(model, dataset, mode=args.mode, crop_size=args.window, stride=args.stride,
                           scales=args.scales, flip=args.flip, base_size=resolve_base_size(args),
@@ -194,4 +213,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.supervisor import supervise
+    supervise()     # Ctrl-C / SIGTERM end the run at once and quietly, Jittor's workers with it
     main()

@@ -15,7 +15,12 @@ import argparse
 import ast
 import sys
 
-from utils import runtime
+if __name__ == "__main__":
+    from utils.supervisor import supervise
+    # before Jittor starts: training runs in a child, this process handles Ctrl-C / SIGTERM
+    supervise(if_killed="nothing saved")
+
+from utils import runtime  # noqa: E402
 
 runtime.activate()
 
@@ -74,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="automatic mixed precision (CUDA only)")
     g.add_argument("--seed", type=int, default=None, help="random seed: data order, augmentation, init, "
                                                          f"dropout (default: {RECIPE['seed']})")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads; runs are bit-identical only with the same count (oneDNN splits some "
+                        "gradient sums by thread). Default: OMP_NUM_THREADS, else every core; a resumed run "
+                        "keeps its checkpoint's")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--work-dir", default=None,
                    help="where log.jsonl, curves.png and checkpoints go (default: work_dirs/<dataset>_<backbone>_r<R>)")
@@ -97,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "into jobs (the LR schedule still follows --iters)")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT_OR_WORK_DIR",
                    help="continue a run: a checkpoint file, or a work dir (uses its latest.pkl)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --work-dir that holds another run: its log, curves and checkpoints "
+                        "are removed first (default: stop and name them; other files are never touched)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in batch jobs)")
     return p
 
@@ -138,6 +150,10 @@ def configure(argv: list[str] | None = None) -> tuple[RunConfig, Checkpoint | No
     if "seed" in explicit and args.seed != config.seed:
         print(f"note: the checkpoint was trained with --seed {config.seed}; continuing with that seed",
               file=sys.stderr)
+    recorded_threads = ((resumed.raw.get("meta") or {}).get("args") or {}).get("threads") if resumed else None
+    if recorded_threads and recorded_threads != config.threads:
+        print(f"note: the checkpoint was trained with --threads {recorded_threads}, this run uses "
+              f"{config.threads}: it will not repeat an uninterrupted run bit for bit", file=sys.stderr)
     return config, resumed
 
 
@@ -148,7 +164,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config, resumed = configure(argv)
-    return Trainer(config, resumed).run()
+    try:
+        trainer = Trainer(config, resumed)
+    except KeyboardInterrupt:                     # a second Ctrl-C during set-up (unsupervised)
+        print("stopped during set-up; nothing saved", file=sys.stderr)
+        return 130
+    return trainer.run()
 
 
 if __name__ == "__main__":

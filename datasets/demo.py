@@ -23,28 +23,32 @@ has to carry that along the row or column.
 The set is generated on first use into ``$CCNET_HOME/demo`` (default ``~/.cache/ccnet-jittor/demo``)
 in ADE20K's layout (``images/{training,validation}/*.png``, ``annotations/...``, annotation value
 = class index + 1) and read by the ADE20K loader. Generation is deterministic (seeded NumPy, one
-generator per image) and atomic (written to a temporary folder, then renamed).
+generator per image) and atomic (written to a temporary folder, then renamed), and never touches
+a folder that is not empty and not a demo set (datasets/generated.py).
 
 ``python -m datasets.demo --out images/demo_samples.png`` draws a few samples with their labels.
 """
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from utils.outputs import refuse_overwrite
+from utils.supervisor import launch_rank
+
 from .ade20k import ADE20KDataset
 from .base import SegDataset, register_dataset
+from .generated import ensure_generated, require_existing_root, set_version
 
 DEMO_VERSION = 4           # bump when the generator changes: cached sets are then regenerated
 DEMO_SIZE = 128
 DEMO_SPLITS = {"training": 300, "validation": 50}
+INFO_FILE = "demo_info.json"   # written last: marks a folder as a complete demo set of ours
 FRAME = 8                  # width of the neutral frame strips (right, bottom), in pixels
 MARKER = 16                # width of the marker strips (left, top), in pixels
 
@@ -196,69 +200,31 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Mapping[str, int
         bar.close()
     info = {"version": DEMO_VERSION, "seed": seed, "size": size, "splits": splits,
             "classes": list(DEMO_CLASSES), "context_classes": [DEMO_CLASSES[c] for c in CONTEXT_CLASSES]}
-    (out_dir / "demo_info.json").write_text(json.dumps(info, indent=1))
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=1))     # last: marks a complete set
     return info
 
 
-def _mpi_rank():
-    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return 0
-
-
-def _info_matches(root, seed, splits, size):
-    try:
-        info = json.loads((Path(root) / "demo_info.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (info.get("version") == DEMO_VERSION and info.get("seed") == seed and
-            info.get("size") == size and info.get("splits") == dict(splits))
-
-
-def generate_atomically(root: Path, build: Callable[[Path], object], is_current: Callable[[Path], bool]) -> Path:
-    """Create a generated folder ``root`` with ``build(path)`` without ever exposing half of it.
-
-    ``build`` writes into a temporary sibling folder that is renamed into place at the end, so an
-    interrupted run never leaves a half-written set, and concurrent processes (MPI ranks) simply
-    race to rename: the loser deletes its copy and uses the winner's. ``is_current(root)`` tells
-    whether an existing folder is up to date (an outdated one is replaced). Returns ``root``.
-    """
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        build(tmp / "set")
-        if root.exists():
-            if is_current(root):                            # another process won the race
-                return root
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, stale / "set")                 # set an outdated version aside
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp / "set", root)
-        except OSError:
-            if not is_current(root):
-                raise
-        return root
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# What a given --data-root that is not a demo set should be instead.
+ROOT_HINT = ("--data-root is for reading a demo set made earlier; omit it to use $CCNET_HOME/demo "
+             "(default ~/.cache/ccnet-jittor/demo), or give an empty folder to generate one there. "
+             "Your own images in ADE20K's layout: --dataset ade20k")
 
 
 def ensure_demo(root: str | os.PathLike | None = None, seed: int = 0, splits: Mapping[str, int] | None = None,
                 size: int = DEMO_SIZE, progress: bool = True) -> Path:
-    """Return the demo folder, generating it first (atomically, see ``generate_atomically``) if
-    missing or made by another version."""
-    root = Path(root) if root is not None else default_root()
+    """Return the demo folder, generating it first if it is absent, empty or an outdated demo set
+    (``datasets.generated``: atomically; any other folder is an error and stays untouched)."""
+    root = Path(root).expanduser() if root is not None else default_root()
     splits = dict(DEMO_SPLITS if splits is None else splits)
-    if _info_matches(root, seed, splits, size):
-        return root
     # Under MPI every rank generates its own copy (a few seconds); only rank 0 reports it.
-    progress = progress and _mpi_rank() == 0
+    progress = progress and launch_rank() == 0
     start = time.time()
-    generate_atomically(root, lambda path: generate(path, seed=seed, splits=splits, size=size, progress=progress),
-                        lambda path: _info_matches(path, seed, splits, size))
-    if progress:
-        print(f"demo set: {sum(splits.values())} images generated in {root} ({time.time() - start:.1f} s)")
+    expected = {"version": DEMO_VERSION, "seed": seed, "size": size, "splits": splits}
+    entries = ("images", "annotations", INFO_FILE)
+    if ensure_generated(root, INFO_FILE, expected, entries, what="demo set", hint=ROOT_HINT,
+                        build=lambda path: generate(path, seed=seed, splits=splits, size=size, progress=progress)):
+        if progress:
+            print(f"demo set: {sum(splits.values())} images generated in {root} ({time.time() - start:.1f} s)")
     return root
 
 
@@ -266,6 +232,9 @@ def ensure_demo(root: str | os.PathLike | None = None, seed: int = 0, splits: Ma
 @register_dataset("demo")
 class DemoDataset(ADE20KDataset):
     """The synthetic set above, read through the ADE20K loader (generated on first use).
+
+    ``data_root``: None for ``$CCNET_HOME/demo``; a given folder must exist and be a demo set made
+    earlier (read as it is; regenerated if an older version made it) or empty (generated there).
 
     Extra options: ``seed`` (default 0), ``splits`` ({"training": n, "validation": m}).
     Its default augmentation never crops (random resize 0.75-1.0 of 128 px, crop 128), because a
@@ -282,8 +251,11 @@ class DemoDataset(ADE20KDataset):
 
     def __init__(self, data_root: str | os.PathLike | None = None, seed: int = 0,
                  splits: Mapping[str, int] | None = None, **kwargs: Any) -> None:
-        root = ensure_demo(data_root, seed=seed, splits=splits)
-        super().__init__(data_root=root, **kwargs)
+        if data_root is not None:
+            data_root = require_existing_root(data_root, type(self).__name__, ROOT_HINT)
+        if data_root is None or set_version(data_root, INFO_FILE) != DEMO_VERSION:
+            data_root = ensure_demo(data_root, seed=seed, splits=splits)
+        super().__init__(data_root=data_root, **kwargs)
 
     @property
     def context_class_names(self) -> tuple[str, ...]:
@@ -327,7 +299,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="train", choices=("train", "val"))
     parser.add_argument("--num", type=int, default=6, help="number of samples to draw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out], args.overwrite, "--out", instead="choose another --out")
+    except FileExistsError as err:
+        parser.error(str(err))
     dataset = DemoDataset(data_root=args.root, seed=args.seed, split=args.split, mode="test")
     picture = sample_grid(dataset, range(min(args.num, dataset.num_samples)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

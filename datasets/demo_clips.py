@@ -11,7 +11,8 @@ red, blue (frame 0) and the two ``TEMPORAL_CLASSES`` (frames 1-2).
 
 Generated on first use into ``$CCNET_HOME/demo_clips`` (default ``~/.cache/ccnet-jittor/demo_clips``),
 deterministically (one seeded NumPy generator per clip) and atomically (written to a temporary
-folder, then renamed). Layout, label values = class index (255 = ignore)::
+folder, then renamed), never into a folder that is neither empty nor a clip set of ours
+(datasets/generated.py). Layout, label values = class index (255 = ignore)::
 
     demo_clips/training/clip_00000/frame_0.png label_0.png frame_1.png label_1.png ...
     demo_clips/validation/...
@@ -32,16 +33,20 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from utils.outputs import refuse_overwrite
+
 from . import transforms as T
 from .base import (BadSampleError, BadSampleWarning, DatasetError, SegDataset, make_lut, read_image, read_label,
                    register_dataset)
 from .ade20k import SPLIT_FOLDERS
-from .demo import _write_png, default_root as _demo_root, generate_atomically
+from .demo import _write_png, default_root as _demo_root
+from .generated import ensure_generated, require_existing_root, set_version
 
 CLIPS_VERSION = 1          # bump when the generator changes: cached sets are then regenerated
 CLIP_SIZE = 96
 CLIP_LEN = 3
 CLIP_SPLITS = {"training": 300, "validation": 50}
+INFO_FILE = "demo_clips_info.json"   # written last: marks a folder as a complete clip set of ours
 
 CLIP_CLASSES = ("background", "ring", "red", "blue", "grey/was-red", "grey/was-blue")
 CLIP_PALETTE = [[60, 60, 60], [250, 250, 120], [220, 40, 40], [50, 80, 230], [250, 140, 140],
@@ -133,30 +138,26 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, splits: Mapping[str, int
                 _write_png(labels[t], clip_dir / f"label_{t}.png")
     info = {"version": CLIPS_VERSION, "seed": seed, "size": size, "clip_len": clip_len, "splits": splits,
             "classes": list(CLIP_CLASSES), "temporal_classes": [CLIP_CLASSES[c] for c in TEMPORAL_CLASSES]}
-    (out_dir / "demo_clips_info.json").write_text(json.dumps(info, indent=1))
+    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=1))     # last: marks a complete set
     return info
 
 
-def _info_matches(root, expected):
-    try:
-        info = json.loads((Path(root) / "demo_clips_info.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all(info.get(k) == v for k, v in expected.items())
+ROOT_HINT = ("--data-root is for a clip set made earlier, your own clips in the same layout, or an "
+             "empty folder to generate the set in; omit it to use $CCNET_HOME/demo_clips "
+             "(default ~/.cache/ccnet-jittor/demo_clips)")
 
 
 def ensure_demo_clips(root: str | os.PathLike | None = None, seed: int = 0, splits: Mapping[str, int] | None = None,
                       size: int = CLIP_SIZE, clip_len: int = CLIP_LEN) -> Path:
-    """Return the clip folder, generating it first (atomically: ``demo.generate_atomically``) if
-    missing or made by another version."""
-    root = Path(root) if root is not None else _demo_root("demo_clips")
+    """Return the clip folder, generating it first if it is absent, empty or an outdated clip set
+    (``datasets.generated``: atomically; any other folder is an error and stays untouched)."""
+    root = Path(root).expanduser() if root is not None else _demo_root("demo_clips")
     expected = {"version": CLIPS_VERSION, "seed": seed, "size": size, "clip_len": clip_len,
                 "splits": dict(CLIP_SPLITS if splits is None else splits)}
-    if _info_matches(root, expected):
-        return root
-    return generate_atomically(
-        root, lambda path: generate(path, seed=seed, splits=expected["splits"], size=size, clip_len=clip_len),
-        lambda path: _info_matches(path, expected))
+    ensure_generated(root, INFO_FILE, expected, ("training", "validation", INFO_FILE), what="clip set",
+                     hint=ROOT_HINT, build=lambda path: generate(path, seed=seed, splits=expected["splits"],
+                                                                 size=size, clip_len=clip_len))
+    return root
 
 
 # -------------------------------------------------------------------------------------- dataset
@@ -181,8 +182,9 @@ class DemoClipsDataset(SegDataset):
     [T, H, W, 3], label int32 [T, H, W]); ``dataset[i]`` in train mode the augmented float32
     [T, 3, h, w] frames and [T, h, w] labels. ``samples[i] = (clip folder, clip folder)``.
 
-    ``data_root``: None for the generated set in ``$CCNET_HOME/demo_clips``; a folder that does not
-    exist yet is generated there; an existing folder is read as it is (your own clips, same layout).
+    ``data_root``: None for the generated set in ``$CCNET_HOME/demo_clips``; a given folder must
+    exist: a clip set made earlier (read as it is; regenerated if an older version made it), an
+    empty folder (generated there), or your own clips in the same layout (read, never written to).
     Extra options: ``seed`` (default 0), ``splits`` ({"training": n, "validation": m}).
     """
     CLASSES = CLIP_CLASSES
@@ -201,7 +203,10 @@ class DemoClipsDataset(SegDataset):
         if cat_max_ratio < 1.0:
             raise ValueError(f"DemoClipsDataset: cat_max_ratio={cat_max_ratio} would crop each frame of a "
                              f"clip differently (its re-draws depend on the labels); use 1.0")
-        if data_root is None or not Path(data_root).exists():
+        if data_root is not None:
+            data_root = require_existing_root(data_root, type(self).__name__, ROOT_HINT)
+        if data_root is None or set_version(data_root, INFO_FILE) not in (None, CLIPS_VERSION) \
+                or not any(data_root.iterdir()):             # an outdated set of ours, or an empty folder
             data_root = ensure_demo_clips(data_root, seed=seed, splits=splits)
         super().__init__(data_root=data_root, cat_max_ratio=cat_max_ratio, **kwargs)
         self.train_transform = SameForAllFrames(self.train_transform)
@@ -277,7 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the clip demo set and draw a few clips.")
     parser.add_argument("--out", default="images/demo_clips_samples.png", help="picture to write")
     parser.add_argument("--clips", type=int, default=2, help="how many validation clips to draw")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out], args.overwrite, "--out", instead="choose another --out")
+    except FileExistsError as err:
+        parser.error(str(err))
     dataset = DemoClipsDataset(split="val", mode="test")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sample_grid(dataset, range(args.clips))).save(args.out)

@@ -67,6 +67,9 @@ class FolderDataset(SegDataset):
                                        "images/ and masks/)\nExpected layout:\n" +
                                        self.LAYOUT.format(root="<data_root>"))
         root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise DatasetNotFoundError(f"folder dataset: data root {root} does not exist.\nExpected layout:\n"
+                                       + self.LAYOUT.format(root=root))
         meta = self._read_meta(root, meta_file)
         if isinstance(classes, str):
             classes = [c.strip() for c in classes.split(",") if c.strip()]

@@ -39,7 +39,10 @@ _WORKER_DATASET = None
 def _worker_init(dataset):
     global _WORKER_DATASET
     _WORKER_DATASET = dataset
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the main process's business
+    # Stopping is the main process's business: Ctrl-C in a terminal reaches the whole process
+    # group, and the handler the main process installed would otherwise run here too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import datasets
-from datasets import demo
+from datasets import demo, demo_clips
 
 SMALL = {"training": 4, "validation": 2}
 
@@ -58,6 +58,66 @@ def test_ensure_demo_is_atomic_and_reuses_the_set(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
+def user_folder(root):
+    """A user's own data in ADE20K's layout (what the demo generator once deleted), plus a note."""
+    for sub in ("images/training", "annotations/training", "images/validation", "annotations/validation"):
+        (root / sub).mkdir(parents=True)
+        rgb, label = demo.make_sample(np.random.default_rng(len(sub)))
+        demo._write_png(rgb, root / sub / "mine_0001.png")
+    (root / "notes.txt").write_text("my own files")
+    return file_hashes(root)
+
+
+def test_a_folder_that_is_not_a_demo_set_is_never_written(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    before = user_folder(mine)
+    for build in (lambda: datasets.build_dataset("demo", data_root=mine, split="val", splits=SMALL),
+                  lambda: demo.ensure_demo(mine, splits=SMALL, progress=False),
+                  lambda: demo_clips.ensure_demo_clips(mine, splits=SMALL)):
+        with pytest.raises(datasets.DatasetError, match=f"{mine} is neither empty nor a (demo|clip) set") as info:
+            build()
+        assert "--data-root is for" in str(info.value) and "\n" not in str(info.value)
+        assert file_hashes(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]        # no temporary folder left
+    # $CCNET_HOME/demo taken by something else: the same refusal.
+    monkeypatch.setenv("CCNET_HOME", str(tmp_path))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keep.txt").write_text("x")
+    with pytest.raises(datasets.DatasetError, match="neither empty nor a demo set"):
+        datasets.build_dataset("demo", split="val", splits=SMALL)
+    assert (tmp_path / "demo" / "keep.txt").read_text() == "x"
+
+
+def test_an_outdated_set_holding_a_users_file_is_not_replaced(tmp_path):
+    root = tmp_path / "demo"
+    demo.ensure_demo(root, splits=SMALL, progress=False)
+    info = json.loads((root / "demo_info.json").read_text())
+    (root / "demo_info.json").write_text(json.dumps(dict(info, version=-1)))
+    (root / "my_results.csv").write_text("1,2,3")
+    before = file_hashes(root)
+    with pytest.raises(datasets.DatasetError, match=r"outdated demo set that also holds files it did not write "
+                                                    r"\(my_results.csv\)"):
+        demo.ensure_demo(root, splits=SMALL, progress=False)
+    assert file_hashes(root) == before
+
+
+@pytest.mark.parametrize("name", ["ade20k", "cityscapes", "folder", "demo", "demo_clips"])
+def test_a_data_root_that_does_not_exist_is_an_error(tmp_path, name):
+    missing = tmp_path / "typo"
+    with pytest.raises(datasets.DatasetNotFoundError, match=f"data root {missing} does not exist"):
+        datasets.build_dataset(name, data_root=missing, split="val", mode="test")
+    assert list(tmp_path.iterdir()) == []                               # nothing generated there
+
+
+def test_clips_of_your_own_are_read_and_never_written(tmp_path):
+    mine = tmp_path / "clips"
+    demo_clips.generate(mine, splits={"training": 2, "validation": 1})
+    (mine / "demo_clips_info.json").unlink()          # now an ordinary folder of clips in the layout
+    before = file_hashes(mine)
+    ds = datasets.build_dataset("demo_clips", data_root=mine, split="val", mode="test")
+    assert ds.num_samples == 1 and file_hashes(mine) == before
+
+
 def test_default_location_follows_ccnet_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CCNET_HOME", str(tmp_path / "home"))
     assert demo.default_root() == tmp_path / "home" / "demo"
@@ -66,6 +126,7 @@ def test_default_location_follows_ccnet_home(tmp_path, monkeypatch):
 
 
 def test_demo_is_read_by_the_ade20k_loader(tmp_path):
+    (tmp_path / "demo").mkdir()                      # an empty folder given as data root: generated there
     ds = datasets.build_dataset("demo", data_root=tmp_path / "demo", split="val", mode="train",
                                 splits=SMALL)
     assert isinstance(ds, datasets.ADE20KDataset) and ds.num_samples == 2

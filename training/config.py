@@ -10,6 +10,7 @@ from typing import Any, Collection, Mapping
 
 import models
 from utils.checkpoint import Checkpoint
+from utils.threads import cpu_threads
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class RunConfig:
     ccl: bool = False
     amp: bool = False
     seed: int = 0
+    threads: int | None = None              # CPU threads; None: OpenMP's default (filled in)
     # evaluation, logging, checkpoints
     work_dir: str | None = None
     eval_interval: int = 8000
@@ -50,6 +52,7 @@ class RunConfig:
     log_interval: int = 10
     stop_at: int | None = None
     resume: str | None = None
+    overwrite: bool = False
     no_progress: bool = False
 
     def __post_init__(self):
@@ -58,10 +61,12 @@ class RunConfig:
                   ("--num-workers", self.num_workers >= 0), ("--recurrence", self.recurrence >= 0),
                   ("--eval-interval", self.eval_interval >= 0), ("--save-interval", self.save_interval >= 0),
                   ("--log-interval", self.log_interval >= 1), ("--min-lr", 0 <= self.min_lr <= self.lr),
-                  ("--dropout", 0 <= self.dropout < 1)]
+                  ("--dropout", 0 <= self.dropout < 1), ("--threads", self.threads is None or self.threads >= 1)]
         for flag, ok in checks:
             if not ok:
                 raise ValueError(f"invalid value for {flag}: {getattr(self, flag[2:].replace('-', '_'))}")
+        if self.threads is None:             # recorded: the thread count is part of the result
+            object.__setattr__(self, "threads", cpu_threads())
         if self.work_dir is None:
             object.__setattr__(self, "work_dir", os.path.join(
                 "work_dirs", f"{self.dataset}_{self.backbone}_r{self.recurrence}"))
@@ -124,7 +129,7 @@ class RunConfig:
 RENAMED = {"eval_crop": "eval_window", "val_images": "eval_max_images"}
 
 # Settings of one invocation, not of the run: never taken from the checkpoint being resumed.
-NOT_INHERITED = ("resume", "stop_at", "no_progress", "pretrained", "work_dir")
+NOT_INHERITED = ("resume", "stop_at", "no_progress", "pretrained", "work_dir", "overwrite")
 
 
 def _model_settings(resumed: Checkpoint, given: Mapping[str, Any]) -> dict[str, Any]:

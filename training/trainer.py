@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import jittor as jt
@@ -19,12 +20,14 @@ from tqdm import tqdm
 import datasets
 from datasets.stream import BatchStream, sample_seed
 from models.losses import SegLoss
-from utils import distributed as dist
+from utils import distributed as dist, supervisor
 from utils.checkpoint import (Checkpoint, CheckpointError, build_model_from_checkpoint, load_backbone_weights,
                               save_checkpoint)
-from utils.evaluation import evaluate
-from utils.logger import TrainLogger
+from utils.evaluation import EvaluationStopped, evaluate
+from utils.logger import CURVES_NAME, LOG_NAME, TrainLogger
 from utils.lr import PolyLR
+from utils.outputs import temp_files
+from utils.threads import set_cpu_threads
 
 from .config import RunConfig
 from .state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
@@ -32,6 +35,16 @@ from .step import sgd_step
 
 LATEST = "latest.pkl"
 BEST = "best.pkl"
+DEBUG = "debug_nonfinite_iter{}.pkl"        # the checkpoint of a step whose loss was not finite
+RUN_FILES = (LOG_NAME, CURVES_NAME, LATEST, BEST, DEBUG.format("*"))   # what a run writes into its work dir
+
+
+def run_files(work_dir: str | os.PathLike) -> list[Path]:
+    """The files of a run (this program's names only) present in ``work_dir``, with temporary
+    files a killed run left behind."""
+    work_dir = Path(work_dir)
+    found = sorted(p for pattern in RUN_FILES for p in work_dir.glob(pattern) if p.is_file())
+    return found + temp_files(work_dir, RUN_FILES)
 
 
 def resume_path(source: str) -> str:
@@ -61,20 +74,55 @@ class Trainer:
         self.config = config
         self.resumed = open_resume(config.resume) if config.resume and resumed is None else resumed
         self.main = dist.is_main()
-        self.stop_requested = False
+        self.stop_requested = None         # the signal that asked this run to stop
+        self.pending_eval = None           # iteration whose validation a stop interrupted
+        self.last_saved = None             # (path, iteration) of the newest resumable checkpoint
+        self.resumed_from = None           # (path, iteration) of the checkpoint this run continues
         self.best_miou = -1.0
         self.start_iter = 0
-        self._check_device()
-        self._build_data()
-        self._build_model()
-        self.logger = TrainLogger(config.work_dir, enabled=self.main)
-        if self.resumed is not None:
-            self._resume()
-        else:
-            self.logger.start_fresh()
-            self.logger.log({"type": "config", "iter": 0, **config.record()})
+        # Ctrl-C, and SIGTERM from a job scheduler or mpirun: finish the step, save, exit. Processes
+        # forked from now on inherit the handler (see _request_stop).
+        self.main_pid = os.getpid()
+        self._previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in supervisor.STOP_SIGNALS}
+        try:
+            self._claim_work_dir()
+            set_cpu_threads(config.threads)
+            self._check_device()
+            self._build_data()
+            self._build_model()
+            self.logger = TrainLogger(config.work_dir, enabled=self.main)
+            if self.resumed is not None:
+                self._resume()
+            else:
+                self.logger.start_fresh()
+                self.logger.log({"type": "config", "iter": 0, **config.record()})
+        except BaseException:
+            self._restore_handlers()
+            raise
 
     # -- set-up ------------------------------------------------------------------------
+    def _claim_work_dir(self):
+        """The work dir holds one run: a fresh run (or a resumed one writing somewhere else than
+        its checkpoint's folder) does not mix its log and checkpoints with another run's files
+        there, unless ``--overwrite`` says to remove them first. Files of other names are kept."""
+        config = self.config
+        work_dir = Path(config.work_dir)
+        if work_dir.exists() and not work_dir.is_dir():
+            raise SystemExit(f"train.py: error: --work-dir {work_dir} is a file, not a folder")
+        continuing = self.resumed is not None and Path(self.resumed.path).resolve().parent == work_dir.resolve()
+        previous = [] if continuing else run_files(work_dir)
+        # rank 0 decides for all: the others must not see the files it starts writing
+        if dist.broadcast_int(int(bool(previous) and not config.overwrite)):
+            names = ", ".join(p.name for p in previous) or "found by rank 0"
+            raise SystemExit(f"train.py: error: --work-dir {work_dir} holds another run ({names}); continue it "
+                             f"with --resume {work_dir}, pass --overwrite to remove that run's files first (no "
+                             f"others), or choose another --work-dir")
+        if previous and self.main:
+            for path in previous:
+                path.unlink()
+            print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in previous)} from {work_dir}",
+                  file=sys.stderr)
+
     def _check_device(self):
         config = self.config
         if config.amp:
@@ -86,10 +134,13 @@ class Trainer:
 
     def _build_data(self):
         config = self.config
-        self.train_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="train",
-                                                mode="train", crop_size=config.crop_size)
-        self.val_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="val",
-                                              mode="test", crop_size=config.crop_size)
+        try:
+            self.train_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="train",
+                                                    mode="train", crop_size=config.crop_size)
+            self.val_set = datasets.build_dataset(config.dataset, data_root=config.data_root, split="val",
+                                                  mode="test", crop_size=config.crop_size)
+        except (datasets.DatasetError, FileNotFoundError, NotADirectoryError) as err:
+            raise SystemExit(f"train.py: error: {str(err).strip()}") from None
         self.num_classes = int(self.train_set.num_classes)
         self.batches = BatchStream(self.train_set, config.batch_size, config.seed, self.shard,
                                    num_workers=config.num_workers, prefetch=2)
@@ -165,6 +216,7 @@ class Trainer:
             "best_mIoU": self.best_miou,
             "rng": rng_state(),
             "seed": self.config.seed,
+            "pending_eval": self.pending_eval,
             "meta": {"dataset": self.config.dataset, "backbone": self.config.backbone,
                      "recurrence": self.config.recurrence, "num_classes": self.num_classes,
                      "classes": list(getattr(self.train_set, "CLASSES", ())), "args": self.config.record()},
@@ -175,7 +227,20 @@ class Trainer:
         path = os.path.join(self.config.work_dir, name)
         if self.main:
             save_checkpoint(path, self.state(iteration), config=self.model.config)
+            if name in (LATEST, BEST) and (self.last_saved is None or iteration > self.last_saved[1] or name == LATEST):
+                self.last_saved = (path, iteration)
+                supervisor.report(if_killed=self._saved_line())
         return path
+
+    def _saved_line(self):
+        """What a stop right now leaves behind, for the one line printed when the run ends."""
+        if self.last_saved is not None:
+            path, iteration = self.last_saved
+            return f"last checkpoint {path} (iteration {iteration}); continue with: python train.py --resume {path}"
+        if self.resumed_from is not None:
+            path, iteration = self.resumed_from
+            return f"nothing saved since resuming {path} (iteration {iteration}), which is unchanged"
+        return "nothing saved"
 
     def _resume(self):
         """Continue the resumed run: the model holds its weights already; here the optimizer,
@@ -185,6 +250,8 @@ class Trainer:
         set_rng_state(state.get("rng"))
         self.start_iter = int(state["iteration"])
         self.best_miou = float(state.get("best_mIoU", -1.0))
+        self.pending_eval = state.get("pending_eval")
+        self.resumed_from = (str(path), self.start_iter)
         if self.start_iter > self.config.iters:
             raise SystemExit(f"--resume {path}: the checkpoint is at iteration {self.start_iter}, "
                              f"beyond --iters {self.config.iters}")
@@ -220,8 +287,10 @@ class Trainer:
         limit = config.eval_max_images
         indices = range(min(limit, len(self.val_set.samples))) if limit else None
         result = evaluate(self.model, self.val_set, mode=config.eval_mode, crop_size=config.eval_window,
-                          stride=config.eval_stride, progress=False, indices=indices)
+                          stride=config.eval_stride, progress=False, indices=indices,
+                          should_stop=lambda: self.stop_requested is not None)
         self.model.train()
+        self.pending_eval = None
         miou = float(result["mIoU"])
         record = {"type": "val", "iter": iteration, "mIoU": miou, "mAcc": float(result["mAcc"]),
                   "aAcc": float(result["aAcc"]), "IoU": [float(x) for x in result["IoU"]]}
@@ -233,22 +302,23 @@ class Trainer:
         return record
 
     def run(self) -> int:
-        """Train until ``--iters`` (or a stop); returns the exit status (0 done, 130 interrupted,
-        3 the loss diverged)."""
+        """Train until ``--iters`` (or a stop); returns the exit status (0 done, 130 / 143 stopped
+        by SIGINT / SIGTERM, 3 the loss diverged)."""
         config = self.config
-        # Ctrl-C, and SIGTERM from a job scheduler or mpirun: finish the step, save, exit.
-        previous_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        supervisor.report(stoppable=True, if_killed=self._saved_line(),
+                          temporaries=[os.path.join(config.work_dir, f".{name}.*.tmp") for name in RUN_FILES])
         bar = tqdm(total=config.iters, initial=self.start_iter, desc="train", unit="it", dynamic_ncols=True,
                    disable=not self.main or config.no_progress)
         window, totals = [], {"wait": 0.0, "step": 0.0}
         iteration = self.start_iter
-        last_val = None
         try:
             stop_at = config.iters if config.stop_at is None else min(config.stop_at, config.iters)
+            if self.pending_eval == iteration:               # the validation a stop interrupted
+                self._validate(iteration, bar)
             while iteration < config.iters:
                 if iteration >= stop_at:
                     return self._interrupted(iteration, reason="--stop-at")
-                if dist.any_rank(self.stop_requested):      # all ranks stop at the same step
+                if dist.any_rank(self.stop_requested is not None):      # all ranks stop at the same step
                     return self._interrupted(iteration)
                 record, waited, step_time = self.train_step(iteration)
                 if step_time is None:
@@ -267,8 +337,9 @@ class Trainer:
                 if config.save_interval and iteration % config.save_interval == 0 and iteration < config.iters:
                     self.save(LATEST, iteration)
                 if (config.eval_interval and iteration % config.eval_interval == 0) or iteration == config.iters:
-                    last_val = self.evaluate(iteration)
-                    bar.write(f"iter {iteration}: val mIoU {100 * last_val['mIoU']:.2f}") if self.main else None
+                    self._validate(iteration, bar)
+            if self.pending_eval is not None:                # stopped during the last validation
+                return self._interrupted(iteration)
             self.save(LATEST, iteration)
             share = totals["wait"] / max(1e-9, totals["wait"] + totals["step"])
             self.logger.log({"type": "event", "iter": iteration, "event": "done",
@@ -282,8 +353,18 @@ class Trainer:
         finally:
             bar.close()
             self.batches.close()
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
+            self._restore_handlers()
+
+    def _validate(self, iteration, bar):
+        """Validate after ``iteration`` unless a stop interrupts it (then it is owed: saved as
+        ``pending_eval`` and run first when the run is resumed)."""
+        try:
+            record = self.evaluate(iteration)
+        except EvaluationStopped:
+            self.pending_eval = iteration
+            return
+        if self.main:
+            bar.write(f"iter {iteration}: val mIoU {100 * record['mIoU']:.2f}")
 
     def _log_window(self, iteration, window):
         count = len(window)
@@ -297,33 +378,46 @@ class Trainer:
         self.logger.log(record)
 
     # -- stopping: Ctrl-C / SIGTERM, --stop-at, a non-finite loss --------------------------
-    def _request_stop(self, signum, frame):
-        if self.stop_requested:                       # a second Ctrl-C: stop at once
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        if self.main:
-            print("\ninterrupt: finishing this iteration, then writing a resumable checkpoint "
-                  "(Ctrl-C again to abort without saving)", file=sys.stderr)
+    def _restore_handlers(self):
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
 
-    def _interrupted(self, iteration, reason="interrupt", hard=False):
+    def _request_stop(self, signum, frame):
+        if os.getpid() != self.main_pid:
+            # A process forked from this one (Jittor's compile pool): stopping is the main
+            # process's business, but SIGTERM is how a pool ends its workers, quietly.
+            if signum == signal.SIGTERM:
+                os._exit(0)
+            return
+        if self.stop_requested is not None:          # a second signal (unsupervised): stop at once
+            raise KeyboardInterrupt
+        self.stop_requested = signum
+
+    def _interrupted(self, iteration, reason=None, hard=False):
+        """Stop before step ``iteration + 1``: save a resumable checkpoint, say so in one line."""
+        name = signal.Signals(self.stop_requested or signal.SIGINT).name
+        code = 0 if reason == "--stop-at" else supervisor.exit_status(self.stop_requested or signal.SIGINT)
         if hard:
-            # A second Ctrl-C landed somewhere inside a step: the weights may already hold this
-            # step's update while the counter does not, so nothing is saved.
+            # A second signal landed inside a step: the weights may already hold this step's
+            # update while the counter does not, so nothing is saved.
             if self.main:
-                print(f"\naborted during iteration {iteration + 1}; nothing saved. The last checkpoint "
-                      f"is {os.path.join(self.config.work_dir, LATEST)} (if one was written).", file=sys.stderr)
-            return 130
+                print(f"\n{name} again during iteration {iteration + 1}: stopped at once; {self._saved_line()}",
+                      file=sys.stderr)
+            return code
+        reason = reason or name
+        if iteration == self.start_iter and reason != "--stop-at":
+            if self.main:
+                print(f"stopped by {reason} before the first step finished; {self._saved_line()}", file=sys.stderr)
+            return code
         path = self.save(LATEST, iteration)
         self.logger.log({"type": "event", "iter": iteration, "event": "stopped", "reason": reason})
         if self.main:
-            print(f"stopped ({reason}) after iteration {iteration}; resumable checkpoint: {path}\n"
-                  f"continue with: python train.py --resume {self.config.work_dir} (and the same flags)",
-                  file=sys.stderr)
-        return 0 if reason == "--stop-at" else 130
+            print(f"stopped by {reason} after iteration {iteration}; resumable checkpoint {path}; continue with: "
+                  f"python train.py --resume {self.config.work_dir}", file=sys.stderr)
+        return code
 
     def _diverged(self, iteration, record):
-        name = f"debug_nonfinite_iter{iteration}.pkl"
-        path = self.save(name, iteration)
+        path = self.save(DEBUG.format(iteration), iteration)
         self.logger.log({"type": "event", "iter": iteration, "event": "nonfinite_loss",
                          "loss": record["loss"], "batch": [i for i, _ in self.batches.indices(iteration)]})
         if self.main:

@@ -18,18 +18,25 @@ from .inference import clip_inference
 from .metrics import ConfusionMatrix
 
 
+class EvaluationStopped(Exception):
+    """``should_stop`` said to stop before every image was evaluated."""
+
+
 def evaluate(model: nn.Module, dataset: Any, mode: str = "whole", crop_size: int | Sequence[int] | None = None,
              stride: int | Sequence[int] | None = None, scales: Sequence[float] = (1.0,), flip: bool = False,
              progress: bool = True, base_size: Sequence[int] | None = None, average: str = "prob",
              on_prediction: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
-             indices: Iterable[int] | None = None, num_classes: int | None = None) -> dict[str, Any]:
+             indices: Iterable[int] | None = None, num_classes: int | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run the model over ``dataset`` and return ``ConfusionMatrix.summary()`` plus ``num_images``.
 
     ``mode``, ``crop_size``, ``stride``, ``scales``, ``flip``, ``base_size``, ``average``: see
     ``utils.inference.inference``. ``on_prediction(index, pred, rgb, label)``, if given, is called
     for every image this rank evaluates with the ``int64 [H, W]`` prediction (test.py saves PNGs
-    with it). ``indices`` restricts evaluation to some images. The model's train/eval state is
-    restored afterwards.
+    with it). ``indices`` restricts evaluation to some images. ``should_stop()``, asked before
+    every image in a single process, ends the evaluation with ``EvaluationStopped`` (under MPI the
+    ranks would stop at different images, so there it is not asked). The model's train/eval state
+    is restored afterwards.
 
     Clip datasets (``load_raw`` gives [T, H, W, 3] frames, e.g. demo_clips) are evaluated clip by
     clip with ``utils.inference.clip_inference``: a temporal model sees each clip whole, an image
@@ -51,6 +58,8 @@ def evaluate(model: nn.Module, dataset: Any, mode: str = "whole", crop_size: int
     try:
         bar = tqdm(mine, desc="evaluate", unit="img", disable=not progress or not dist.is_main(), dynamic_ncols=True)
         for step, index in enumerate(bar):
+            if should_stop is not None and dist.world_size() == 1 and should_stop():
+                raise EvaluationStopped(f"stopped after {step} of {len(mine)} images")
             rgb, label = dataset.load_raw(index)
             clip = np.ndim(rgb) == 4                # a clip [T, H, W, 3]; a still image is one frame
             frames = rgb if clip else rgb[None]

@@ -1,7 +1,7 @@
 """Regenerate the README pictures in images/ from the project's own code.
 
-    python -m utils.figures                                   # geometry figure only
-    python -m utils.figures --checkpoint work_dirs/demo/best.pkl   # + demo predictions, attention
+    python -m utils.figures --out-dir figures/                # geometry figure only
+    python -m utils.figures --checkpoint work_dirs/demo/best.pkl --overwrite   # images/, + demo predictions, attention
 
 * ``criss_cross.png``: pure geometry, no model. Which positions one criss-cross loop connects a
   pixel to (its row and column: H+W-1 positions) and how two loops cover the whole map: the
@@ -13,7 +13,7 @@
   set the disc's class is decided by the marker at the left end of its row.
 
 Without ``--checkpoint`` (or when the file does not exist) the model figures are skipped with a
-message.
+message. Pictures that exist already are replaced only with ``--overwrite``.
 """
 import argparse
 import sys
@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import visualize
+from .outputs import OVERWRITE_HELP, refuse_overwrite
 
 IMAGES = Path(__file__).resolve().parents[1] / "images"
 
@@ -130,16 +131,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="demo-set checkpoint (python train.py --dataset demo) for the model figures")
     parser.add_argument("--out-dir", default=str(IMAGES))
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " in --out-dir")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
+    skip = None
+    if not args.checkpoint:
+        skip = ("skipped demo_predictions.png and attention.png: pass --checkpoint (a model trained "
+                "with `python train.py --dataset demo`)")
+    elif "://" not in args.checkpoint and not Path(args.checkpoint).exists():
+        skip = f"skipped demo_predictions.png and attention.png: checkpoint {args.checkpoint} does not exist"
+    names = ["criss_cross.png"] + ([] if skip else ["demo_predictions.png", "attention.png"])
+    try:
+        refuse_overwrite([out / name for name in names], args.overwrite, f"--out-dir {out}",
+                         instead="choose another --out-dir")
+    except FileExistsError as err:
+        sys.exit(f"figures: error: {err}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"wrote {criss_cross_figure(out / 'criss_cross.png')}")
-    if not args.checkpoint:
-        print("skipped demo_predictions.png and attention.png: pass --checkpoint (a model trained "
-              "with `python train.py --dataset demo`)")
-        return
-    if "://" not in args.checkpoint and not Path(args.checkpoint).exists():
-        print(f"skipped demo_predictions.png and attention.png: checkpoint {args.checkpoint} does not exist")
+    if skip:
+        print(skip)
         return
     from utils import runtime
     runtime.activate()
@@ -151,7 +161,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"figures: error: {err}")
     print(f"wrote {predictions_figure(out / 'demo_predictions.png', model, dataset)}")
     print(f"wrote {attention_figure(out / 'attention.png', model, dataset)}")
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,10 @@ that keeps nothing and writes nothing.
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from .outputs import atomic_write
 
 LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
@@ -70,11 +73,8 @@ class TrainLogger:
             return
         records = read_log(self.path) if os.path.exists(self.path) else []
         self.records = [r for r in records if r.get("iter", 0) <= iteration or r.get("type") == "config"]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for record in self.records:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.path)
+        lines = "".join(json.dumps(record) + "\n" for record in self.records)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
 
     def log(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -123,7 +123,5 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     ax_miou.grid(alpha=0.3)
 
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))   # never a half-written picture
     plt.close(fig)
-    os.replace(tmp, path)                      # a viewer never sees a half-written picture

@@ -15,6 +15,7 @@ are left out, as in the paper's visualisation). Every p is reachable: through v 
 v = (y_p, x_u), which is the paper's argument that two loops give full-image context.
 """
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +23,14 @@ import numpy as np
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend (no display on training machines)."""
+    # Jittor compiles its kernels with -Ofast: loading the first one turns on flush-to-zero for
+    # the process, and numpy then warns, once per float type, that the smallest subnormal is zero when
+    # anyone asks for finfo (matplotlib does for its axes). Nothing a user can act on: ask numpy
+    # here, quietly, and its cached answer serves every later call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
+        for dtype in (np.float16, np.float32, np.float64, np.longdouble):
+            np.finfo(dtype)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,6 +14,7 @@ weights themselves (a dict, e.g. a state dict in memory).
 Missing, unexpected or mis-shaped keys and variants the weights do not fit are a
 ``CheckpointError`` that lists them: Jittor's own ``load_state_dict`` only logs such problems.
 """
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -46,8 +47,10 @@ def resolve_source(source: str | os.PathLike, progress: bool = True) -> Path:
         if os.path.isfile(text):
             return Path(text)
         if re.match(r"^https?://", text):
-            from ..download import download
-            return Path(download(text, progress=progress))
+            from ..download import cache_dir, download
+            # one cache folder per URL: two URLs ending in the same file name are different files
+            folder = cache_dir() / "urls" / hashlib.sha256(text.encode()).hexdigest()[:16]
+            return Path(download(text, directory=folder, progress=progress))
         if model_zoo.canonical_name(text):
             return Path(model_zoo.download_entry(model_zoo.zoo_entry(text), progress=progress))
     except DownloadError as err:        # one exception type for the callers of this module

@@ -1,13 +1,14 @@
-"""Write checkpoints atomically: a temp file in the same folder, renamed over the target when
-complete, so an interrupted save never leaves a torn file behind."""
+"""Write checkpoints atomically (``utils.outputs.atomic_write``: a temp file in the same folder,
+renamed over the target when complete), so an interrupted save never leaves a torn file behind."""
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
 import jittor as jt
 import models
+
+from ..outputs import atomic_write
 
 
 def _to_numpy(obj: Any) -> Any:
@@ -35,14 +36,4 @@ def save_checkpoint(path: str | os.PathLike, state: jt.Module | Mapping[str, Any
     if config is not None:
         state["arch"] = config.to_dict()
     state.setdefault("format", "ccnet-jittor")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        jt.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: jt.save(state, tmp))
