@@ -149,7 +149,7 @@ def build_torch_ccnet(backbone="resnet101", num_classes=150, recurrence=2, base_
             return feats
 
     class CCA(nn.Module):
-        """Criss-cross attention, the -inf-diagonal einsum formulation (DESIGN.md section 2)."""
+        """Criss-cross attention, the einsum formulation with the column energies at -inf on the diagonal."""
 
         def __init__(self, c):
             super().__init__()
