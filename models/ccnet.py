@@ -11,7 +11,9 @@ its checkpoints map key for key (the official backbone keys sit at the top level
     dsn.{0,1,3}             conv3x3(C3 -> 512, bias) + BN/act, [2] Dropout2d(0.1), conv1x1 -> classes
 
 The official code uses InPlaceABNSync, one module doing BatchNorm and LeakyReLU(0.01) together;
-``BatchNormAct`` plays that part so indices 1 and 3 stay where the official keys expect them.
+``BatchNormAct`` (models/norm_act.py) plays that part so indices 1 and 3 stay where the official
+keys expect them. Head activations: "leaky_relu" (official, InPlaceABN's default) or "relu"
+(mmsegmentation's CCHead).
 """
 from typing import Any
 
@@ -21,33 +23,9 @@ import jittor as jt
 from jittor import nn
 
 from .cc_attention import CrissCrossAttention
+from .norm_act import BatchNormAct
 from .resnet import from_v1c
 from .weights import StateDict, WeightLayout, rename, unchanged
-
-# Head activations: the official code (InPlaceABN default) vs mmsegmentation's CCHead.
-ACTIVATIONS = {
-    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),
-    "relu": nn.relu,
-    "identity": lambda x: x,
-}
-
-
-def _check_activation(name):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown head activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-    return name
-
-
-class BatchNormAct(nn.BatchNorm2d):
-    """BatchNorm followed by an activation in one module (the role of InPlaceABNSync), so the
-    state dict holds weight/bias/running_mean/running_var at the official index."""
-
-    def __init__(self, num_features: int, activation: str = "leaky_relu") -> None:
-        super().__init__(num_features)
-        self.activation = _check_activation(activation)
-
-    def execute(self, x: jt.Var) -> jt.Var:
-        return ACTIVATIONS[self.activation](super().execute(x))
 
 
 def conv_bn_act(in_channels: int, out_channels: int, activation: str, bias: bool = False) -> nn.Sequential:

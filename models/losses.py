@@ -6,7 +6,8 @@ what ``CCNet`` returns in training mode: ``[main_logits, aux_logits]`` and, when
 built with ``ccl_dim > 0``, the projected features as a third item.
 
 * Logits are bilinearly upsampled to the label size before the loss (as the official
-  CriterionDSN; it uses ``align_corners=True``, mmsegmentation and our eval path ``False``: option).
+  CriterionDSN; it uses ``align_corners=True``, mmsegmentation and our eval path ``False``: option),
+  inside one op that never stores the upsampled logits (models/upsampled_ce.py).
 * OHEM (official ``OhemCrossEntropy2d``, main branch only): keep the valid pixels whose predicted
   probability of the true class is <= ``threshold``; if fewer than ``min_kept`` would remain, raise
   the threshold to the ``min_kept``-th smallest probability (so at least ``min_kept`` pixels, ties
@@ -28,7 +29,8 @@ built with ``ccl_dim > 0``, the projected features as a third item.
 import numpy as np
 
 import jittor as jt
-from jittor import nn
+
+from .upsampled_ce import upsampled_nll
 
 # A tiny floor inside square roots: ||x|| has no gradient at 0 (a one-pixel class sits exactly
 # on its mean), and phi is flat there anyway, so the floor changes values by < 1e-6 at most.
@@ -60,27 +62,11 @@ def validate_labels(label: np.ndarray, num_classes: int, ignore_index: int = 255
             f"and not the ignore index {ignore_index}; check num_classes and the label encoding")
 
 
-def _upsample_to(logits, size, align_corners):
-    if tuple(logits.shape[2:]) == tuple(size):
-        return logits
-    return nn.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
-
-
-def _true_class_log_prob(logits, label_idx):
-    """log softmax(logits)[label] per pixel: [B, H, W]. ``label_idx`` must be a valid class id."""
-    log_prob = nn.log_softmax(logits, dim=1)
-    return jt.gather(log_prob, 1, label_idx.unsqueeze(1)).squeeze(1)
-
-
-def masked_cross_entropy(logits: jt.Var, label: np.ndarray, keep: np.ndarray) -> jt.Var:
-    """Mean cross-entropy over the pixels where ``keep`` (numpy bool [B,H,W]) is true; 0 if none.
-
-    ``label`` is a numpy int array whose values where ``keep`` is false are ignored.
-    """
+def masked_cross_entropy(nll: jt.Var, keep: np.ndarray) -> jt.Var:
+    """Mean of the per-pixel losses ``nll`` (jt.Var [B,H,W]) where ``keep`` (numpy bool) is true;
+    0 if none."""
     count = int(keep.sum())
-    safe = jt.array(np.where(keep, label, 0).astype(np.int32))
-    log_p = _true_class_log_prob(logits, safe)
-    return -(log_p * jt.array(keep.astype(np.float32)).cast(logits.dtype)).sum() / max(count, 1)
+    return (nll * jt.array(keep.astype(np.float32)).cast(nll.dtype)).sum() / max(count, 1)
 
 
 def ohem_keep_mask(prob_true: np.ndarray, valid: np.ndarray, threshold: float = 0.7,
@@ -176,13 +162,10 @@ class SegLoss:
         self.ccl_delta_d = ccl_delta_d
         self.align_corners = align_corners
 
-    def _main_keep(self, logits, label, valid):
+    def _main_keep(self, nll: jt.Var, valid: np.ndarray) -> np.ndarray:
         if not self.ohem:
             return valid
-        with jt.no_grad():
-            safe = jt.array(np.where(valid, label, 0).astype(np.int32))
-            prob_true = _true_class_log_prob(logits.detach(), safe).exp().numpy()
-        return ohem_keep_mask(prob_true, valid, self.ohem_thresh, self.ohem_min_kept)
+        return ohem_keep_mask(np.exp(-nll.numpy()), valid, self.ohem_thresh, self.ohem_min_kept)
 
     def __call__(self, outputs: jt.Var | list[jt.Var], label: jt.Var | np.ndarray) -> tuple[jt.Var, dict[str, float]]:
         if isinstance(outputs, jt.Var):
@@ -191,18 +174,19 @@ class SegLoss:
             raise ValueError(f"expected [main, aux(, ccl_features)] outputs, got {len(outputs)} items")
         label = _to_numpy_label(label)
         validate_labels(label, self.num_classes, self.ignore_index)
-        size = label.shape[1:]
         valid = label != self.ignore_index
         for name, out in zip(("main", "aux"), outputs[:2]):
             if out.ndim != 4 or out.shape[0] != label.shape[0] or out.shape[1] != self.num_classes:
                 raise ValueError(f"{name} logits must be [{label.shape[0]}, {self.num_classes}, h, w] "
                                  f"for a label of shape {list(label.shape)}, got {list(out.shape)}")
 
-        main = _upsample_to(outputs[0], size, self.align_corners)
-        terms = {"main": masked_cross_entropy(main, label, self._main_keep(main, label, valid))}
+        safe_label = np.where(valid, label, 0)
+        main_nll = upsampled_nll(outputs[0], safe_label, self.align_corners)
+        terms = {"main": masked_cross_entropy(main_nll, self._main_keep(main_nll, valid))}
         total = terms["main"]
         if len(outputs) > 1:
-            terms["aux"] = masked_cross_entropy(_upsample_to(outputs[1], size, self.align_corners), label, valid)
+            aux_nll = upsampled_nll(outputs[1], safe_label, self.align_corners)
+            terms["aux"] = masked_cross_entropy(aux_nll, valid)
             total = total + self.aux_weight * terms["aux"]
         if len(outputs) > 2:
             ccl = category_consistent_terms(outputs[2], label, self.ignore_index,

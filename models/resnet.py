@@ -22,12 +22,16 @@ Choices the segmentation literature made and that we keep configurable:
   dilation, bridging from the previous stage's sampling grid. Off in the official code.
 * The stride of a bottleneck sits on its 3x3 conv (official code, torchvision >= 0.2 "v1.5").
 * ``base_channels`` (default 64) scales every width, so tests can build tiny networks.
+
+Each BatchNorm and the ReLU after it are one ``BatchNormAct`` (models/norm_act.py: same parameter
+names, a backbone that keeps less for backward); the ReLU after a residual sum is its ``relu``.
 """
 from typing import Callable, Sequence
 
 import jittor as jt
 from jittor import nn
 
+from .norm_act import BatchNormAct, relu
 from .registry import register_backbone
 from .weights import StateDict, WeightLayout, has_all, rename, unchanged
 
@@ -64,16 +68,15 @@ class BasicBlock(nn.Module):
                  downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_channels, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNormAct(planes, "relu")
         self.conv2 = conv3x3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNormAct(planes, "identity")
         self.downsample = downsample
 
     def execute(self, x: jt.Var) -> jt.Var:
-        out = nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return nn.relu(out + shortcut)
+        return relu(out + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -84,19 +87,18 @@ class Bottleneck(nn.Module):
                  downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNormAct(planes, "relu")
         self.conv2 = conv3x3(planes, planes, stride, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNormAct(planes, "relu")
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNormAct(planes * self.expansion, "identity")
         self.downsample = downsample
 
     def execute(self, x: jt.Var) -> jt.Var:
-        out = nn.relu(self.bn1(self.conv1(x)))
-        out = nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return nn.relu(out + shortcut)
+        return relu(out + shortcut)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -136,15 +138,15 @@ class ResNet(nn.Module):
         if stem == "deep":
             widths = stem_widths or (base_channels, base_channels, 2 * base_channels)
             self.conv1 = conv3x3(3, widths[0], stride=2)
-            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.bn1 = BatchNormAct(widths[0], "relu")
             self.conv2 = conv3x3(widths[0], widths[1])
-            self.bn2 = nn.BatchNorm2d(widths[1])
+            self.bn2 = BatchNormAct(widths[1], "relu")
             self.conv3 = conv3x3(widths[1], widths[2])
-            self.bn3 = nn.BatchNorm2d(widths[2])
+            self.bn3 = BatchNormAct(widths[2], "relu")
             in_channels = widths[2]
         else:
             self.conv1 = nn.Conv2d(3, base_channels, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(base_channels)
+            self.bn1 = BatchNormAct(base_channels, "relu")
             in_channels = base_channels
         # The deep stem pools in ceil mode as the official code, the standard stem floors as
         # torchvision: the two disagree on even sides, and the weights were trained with one.
@@ -174,16 +176,15 @@ class ResNet(nn.Module):
         if stride != 1 or in_channels != out_channels:
             downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels))
+                BatchNormAct(out_channels, "identity"))
         blocks = [block_type(in_channels, planes, stride, dilations[0], downsample)]
         blocks += [block_type(out_channels, planes, 1, d) for d in dilations[1:]]
         return nn.Sequential(*blocks)
 
     def execute_stem(self, x: jt.Var) -> jt.Var:
-        x = nn.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x))
         if self.stem == "deep":
-            x = nn.relu(self.bn2(self.conv2(x)))
-            x = nn.relu(self.bn3(self.conv3(x)))
+            x = self.bn3(self.conv3(self.bn2(self.conv2(x))))
         return self.maxpool(x)
 
     def execute(self, x: jt.Var) -> list[jt.Var]:

@@ -1,4 +1,5 @@
-"""CUDA: the fused criss-cross attention kernels and CCNet on a GPU.
+"""CUDA: the fused criss-cross attention kernels, BatchNormAct, the upsampled cross-entropy and
+CCNet on a GPU.
 
 Skipped with a reason without a CUDA device; with ``CCNET_REQUIRE_CUDA=1`` (benchmarks/gpu_check.sh)
 a missing device fails instead. References run on the CPU in float64, so they share no code path
@@ -9,6 +10,8 @@ Tolerances (max error relative to the reference's largest magnitude):
   inputs (the kernels accumulate in float32 and round once, 2^-11 = 4.9e-4); AMP module 3e-2
   against float32 (float16 convolutions and softmax); CCNet on CUDA vs CPU: 1e-4 outputs, 1e-3
   gradients with TF32 off (NVIDIA_TF32_OVERRIDE=0), 2e-2 with TF32 (cuDNN's default on sm_80+).
+  BatchNormAct and the upsampled cross-entropy (Jittor ops on CUDA) against their CPU kernels in
+  float64: 1e-10.
 """
 import os
 
@@ -19,6 +22,8 @@ import jittor as jt
 from cca_testing import finite_difference_check, keep_float64, random_var, rel_err  # noqa: F401
 from models import build_model
 from models import cc_attention as cca
+from models.norm_act import BatchNormAct
+from models.upsampled_ce import upsampled_nll
 
 ON_CUDA = bool(jt.has_cuda and jt.flags.use_cuda)
 # Gradient errors are relative to the gradient's magnitude, but at least to this fraction of the
@@ -166,3 +171,45 @@ def test_amp_on_cpu_hands_the_attention_float16():
     with jt.flag_scope(auto_mixed_precision_level=4):
         with pytest.raises(ValueError, match="dtype float16 not supported here.*float16 needs CUDA"):
             module(x).sync()
+
+
+@pytest.mark.usefixtures("cuda_device")
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_batchnorm_act_on_cuda_equals_the_cpu_kernels(activation):
+    rng = np.random.default_rng(3)
+    x_np = rng.standard_normal((2, 5, 7, 9)) * 2 + 1
+    upstream = rng.standard_normal(x_np.shape)
+
+    def step(use_cuda):
+        with jt.flag_scope(use_cuda=use_cuda):
+            module = BatchNormAct(5, activation)
+            module.weight.update(jt.array(np.linspace(0.5, 1.5, 5)).float64())
+            module.bias.update(jt.array(np.linspace(-1, 1, 5)).float64())
+            x = jt.array(x_np).float64()
+            out = module(x)
+            grads = jt.grad((out * jt.array(upstream).float64()).sum(), [x, module.weight, module.bias])
+            return [out.numpy()] + [g.numpy() for g in grads] + [module.running_mean.numpy(),
+                                                                 module.running_var.numpy()]
+
+    for name, a, b in zip(["out", "grad x", "grad weight", "grad bias", "running mean", "running var"],
+                          step(1), step(0)):
+        check(f"BatchNormAct {activation} {name}", a, b, 1e-10)
+
+
+@pytest.mark.usefixtures("cuda_device")
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsampled_nll_on_cuda_equals_the_cpu_kernel(align_corners):
+    rng = np.random.default_rng(4)
+    logits_np = rng.standard_normal((2, 7, 5, 6)) * 3
+    label = rng.integers(0, 7, (2, 37, 45))
+    weight = rng.random(label.shape)
+
+    def loss_and_grad(use_cuda):
+        with jt.flag_scope(use_cuda=use_cuda):
+            logits = jt.array(logits_np).float64()
+            nll = upsampled_nll(logits, label, align_corners)
+            grad = jt.grad((nll * jt.array(weight).float64()).sum(), logits)
+            return nll.numpy(), grad.numpy()
+
+    for name, a, b in zip(["nll", "grad"], loss_and_grad(1), loss_and_grad(0)):
+        check(f"upsampled_nll {name} align_corners={align_corners}", a, b, 1e-10)

@@ -187,6 +187,28 @@ def test_batch_stream_is_a_function_of_seed_and_iteration():
     assert [other.indices(t) for t in range(3)] != [full.indices(t) for t in range(3)]
 
 
+def test_sgd_step_drops_the_gradients_and_updates_like_optimizer_step():
+    import jittor as jt
+    from training.step import sgd_step
+    rng = np.random.RandomState(0)
+    x_np, start = rng.randn(8, 3).astype(np.float32), rng.randn(3, 2).astype(np.float32)
+    runs = []
+    for step in ("sgd_step", "optimizer.step"):
+        weight = jt.array(start)
+        optimizer = jt.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for _ in range(3):
+            loss = (jt.matmul(jt.array(x_np), weight).sqr()).mean()
+            if step == "sgd_step":
+                sgd_step(optimizer, loss)
+                assert "grads" not in optimizer.param_groups[0]   # nothing parameter-sized kept
+            else:
+                optimizer.step(loss)
+        runs.append((weight.numpy(), optimizer.param_groups[0]["values"][0].numpy()))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])        # momentum buffers too
+    assert not np.array_equal(runs[0][0], start)
+
+
 @pytest.mark.timeout(60)
 def test_batch_stream_survives_a_killed_worker():
     """A worker killed from outside (pkill, a scheduler's SIGTERM to the whole job) gives a clear

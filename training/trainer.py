@@ -31,6 +31,7 @@ from utils.threads import set_cpu_threads
 
 from .config import RunConfig
 from .state import load_optimizer_state, optimizer_state, rng_state, set_rng_state
+from .step import sgd_step
 
 LATEST = "latest.pkl"
 BEST = "best.pkl"
@@ -278,8 +279,7 @@ class Trainer:
         record = {"loss": means["loss"], "lr": lr, **means}
         if not math.isfinite(record["loss"]):
             return record, waited, None
-        self.optimizer.step(loss)
-        jt.sync_all(True)
+        sgd_step(self.optimizer, loss)
         return record, waited, time.perf_counter() - start
 
     def evaluate(self, iteration: int) -> dict[str, Any]:
