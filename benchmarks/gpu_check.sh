@@ -17,7 +17,9 @@
 #                 test and the CUDA test of tests/test_cc_attention.py
 #   train         train.py --dataset demo, 50 iterations; test: test.py on its checkpoint
 #   train_amp     the same with --amp
-#   bench_cca, bench_model, bench_model_amp   the GPU benchmarks, where they have --device
+#   bench_cca, bench_model, bench_model_amp   benchmarks/cca.py and model.py (+ --amp) on CUDA
+# `gpu_check.sh checks` runs the set-up and the checks, `gpu_check.sh benchmarks` the set-up and the
+# benchmarks (two calls of the device's 10 minutes); no argument runs everything.
 # Results: $OUT/gpu_check.json (rewritten after every check) and $OUT/gpu_check.log (all
 # output); one line per check on stdout; exit status 1 when a check failed, timed out or did
 # not run. CCNET_REQUIRE_CUDA=1 makes every step fail instead of falling back to the CPU.
@@ -37,6 +39,10 @@ TABLE=$WORK/results.tsv
 : > "$TABLE"
 START=$(date +%s)
 FAILED=0
+PARTS=${1:-all}                          # checks | benchmarks | all
+
+wanted() { [ "$PARTS" = all ] || [ "$PARTS" = "$1" ]; }
+case $PARTS in all|checks|benchmarks) ;; *) echo "usage: gpu_check.sh [checks|benchmarks|all]" >&2; exit 2 ;; esac
 
 write_json() {
     "$PYTHON" - "$TABLE" "$OUT/gpu_check.json" "$START" <<'EOF'
@@ -88,21 +94,6 @@ check() {
         record "$name" fail "$seconds" "exit $rc: ${detail:-$(tail -n 1 "$WORK/$name.out" | cut -c1-200)}"
     fi
     return $rc
-}
-
-# A benchmark runs only where its script has the flags (other parts of the project add them).
-bench() {
-    local name=$1 script=$2; shift 2
-    local flag
-    for flag in "$@"; do
-        case $flag in --*)
-            if ! CCNET_REQUIRE_CUDA=0 "$PYTHON" "$script" --help 2>/dev/null | grep -q -- "$flag"; then
-                record "$name" skipped 0 "$script has no $flag flag"
-                return 0
-            fi ;;
-        esac
-    done
-    check "$name" 120 "." "$PYTHON" "$script" "$@"
 }
 
 diagnostics() {
@@ -169,14 +160,18 @@ fi
 check packages 60 "loaded" "$PYTHON" -c "import matplotlib, PIL, tqdm, pytest, torch; print('loaded: matplotlib', matplotlib.__version__, 'torch', torch.__version__)"
 export CCNET_REQUIRE_CUDA=1 PYTHONUNBUFFERED=1
 check jittor 300 "ccnet-jittor:" jittor_on_cuda
-NVIDIA_TF32_OVERRIDE=0 check cuda_tests 240 "passed|failed|error" "$PYTHON" -m pytest -q -s -rs -p no:cacheprovider \
-    tests/test_cuda.py tests/test_cca_cuda_compile.py "tests/test_cc_attention.py::test_cuda_kernels_match_reference"
-check train 150 "train summary" train_and_report "$WORK/train"
-check test 90 "mIoU|miou" "$PYTHON" test.py --checkpoint "$WORK/train/latest.pkl" --dataset demo --max-images 10 --no-progress
-check train_amp 150 "train summary" train_and_report "$WORK/train_amp" --amp
-bench bench_cca benchmarks/cca.py --device cuda --json "$OUT/cca_cuda.json"
-bench bench_model benchmarks/model.py --device cuda --json "$OUT/model_cuda.json"
-bench bench_model_amp benchmarks/model.py --device cuda --amp --json "$OUT/model_cuda_amp.json"
+if wanted checks; then
+    NVIDIA_TF32_OVERRIDE=0 check cuda_tests 240 "passed|failed|error" "$PYTHON" -m pytest -q -s -rs -p no:cacheprovider \
+        tests/test_cuda.py tests/test_cca_cuda_compile.py "tests/test_cc_attention.py::test_cuda_kernels_match_reference"
+    check train 150 "train summary" train_and_report "$WORK/train"
+    check test 90 "mIoU|miou" "$PYTHON" test.py --checkpoint "$WORK/train/latest.pkl" --dataset demo --max-images 10 --no-progress
+    check train_amp 150 "train summary" train_and_report "$WORK/train_amp" --amp
+fi
+if wanted benchmarks; then
+    check bench_cca 180 "." "$PYTHON" benchmarks/cca.py --device cuda --json "$OUT/cca_cuda.json"
+    check bench_model 180 "." "$PYTHON" benchmarks/model.py --device cuda --json "$OUT/model_cuda.json"
+    check bench_model_amp 180 "." "$PYTHON" benchmarks/model.py --device cuda --amp --json "$OUT/model_cuda_amp.json"
+fi
 
 echo "results: $OUT/gpu_check.json, log: $LOG (elapsed $(( $(date +%s) - START ))s)"
 exit $FAILED
