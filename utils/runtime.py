@@ -16,6 +16,7 @@ What it decides:
   cache folder at the ``onednn-cpu-gomp`` wheels (or Debian's libdnnl). Without oneDNN, CPU
   convolutions are ~250x slower, so that case gets a loud warning.
 * quiet start-up (``log_silent=1``) and no torch import at start-up (``FIX_TORCH_ERROR=0``).
+* operators compiled one after another (``use_parallel_op_compiler=0``; see ``configure``).
 
 Any of these environment variables that the user set already wins: we only fill in defaults.
 """
@@ -201,6 +202,10 @@ def configure():
     _wire_python_config()
     os.environ.setdefault("log_silent", "1")
     os.environ.setdefault("FIX_TORCH_ERROR", "0")
+    # Jittor's threaded operator compiler (each process runs it to compile or load its operators)
+    # now and then crashed or hung a fresh run of the test suite here, always inside
+    # parallel_compile_all_ops; compiling them one after another in the main thread never did.
+    os.environ.setdefault("use_parallel_op_compiler", "0")
 
     onednn = False
     if os.environ.get("use_mkl", "1") == "1":
