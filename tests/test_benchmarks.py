@@ -1,7 +1,6 @@
 """benchmarks/model.py: argument checks (CUDA absent is a one-line error, never a CPU fallback),
 the step configurations and schedule estimate of the GPU table, and one tiny end-to-end run of both
 frameworks; benchmarks/inference.py: argument checks and a tiny run."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,15 @@ import sys
 
 import pytest
 
+from scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "model.py")
 INFERENCE_SCRIPT = os.path.join(ROOT, "benchmarks", "inference.py")
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/model.py")
 
 
 def run(*argv, timeout=60, script=SCRIPT):

@@ -1,7 +1,6 @@
 """benchmarks/cca.py: its arguments, its PyTorch formulations, its CUDA code paths (import- and
 argument-checked here, without a GPU), its rows and JSON. No timing is asserted: speed is measured
 by running the benchmark, not by tests."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,19 +13,13 @@ import jittor as jt
 
 from cca_testing import keep_float64, rel_err  # noqa: F401 (autouse fixture)
 from models.cc_attention import criss_cross_reference
+from scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "cca.py")
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("cca_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cca_bench = _load_benchmark()
+cca_bench = load_script("benchmarks/cca.py")
 
 
 def test_defaults():

@@ -1,8 +1,5 @@
 """CCNet segmentor: outputs in both modes, RCCA recurrence with one shared module, official names,
 build_model routing and errors, gradients, and agreement with an independent torch.nn build."""
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
@@ -10,6 +7,7 @@ import jittor as jt
 from jittor import nn
 
 from models import build_model
+from scripts import load_script
 from models.cc_attention import CrissCrossAttention
 from models.ccnet import CCNet, BatchNormAct
 from models.losses import SegLoss
@@ -28,11 +26,7 @@ def set_gamma(cca, value):
 
 
 def load_benchmark_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "model.py")
-    spec = importlib.util.spec_from_file_location("benchmark_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/model.py")
 
 
 def test_training_and_eval_outputs_at_odd_size():

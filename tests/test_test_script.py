@@ -111,10 +111,8 @@ def test_slide_flip_runs(ade_tree, tmp_path):
 def test_window_flag_and_its_former_spelling(capsys):
     """--window is the sliding-window size (train.py's --crop-size is the training crop); the
     former --crop-size still works, with one line saying so."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from scripts import load_script
+    script = load_script("test.py")
     args = script.parse_args(["--checkpoint", "x.pkl", "--mode", "slide", "--crop-size", "24", "32"])
     assert args.window == [24, 32]
     assert capsys.readouterr().err.splitlines() == ["test.py: --crop-size is deprecated, use --window (same meaning)"]

@@ -6,7 +6,7 @@ Paths covered here: the demo generator's --data-root (train.py), the work dir (t
 datasets.demo_clips), the checkpoint cache (URLs), and the temporary files of atomic writes.
 """
 import http.server
-import importlib.util
+import scripts
 import os
 import threading
 from pathlib import Path
@@ -114,11 +114,7 @@ def test_a_work_dir_that_is_a_file_is_an_error(data, tmp_path):
 
 # ------------------------------------------------------------------------------ test.py
 def load_script(name):
-    """test.py / demo.py as modules (``import test`` could find the standard library's package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts.load_script(f"{name}.py")
 
 
 def test_test_py_outputs_are_not_overwritten_without_overwrite(data, checkpoint, tmp_path, capsys):
