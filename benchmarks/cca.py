@@ -349,7 +349,7 @@ def profile_module_step(jt, shape, dtype="float32"):
 
 def print_profiles(shapes, device):
     jt = setup_jittor(device)
-    print(f"\nprofile: one forward + backward of our CrissCrossAttention(C), by op group (Jittor's profiler)")
+    print("\nprofile: one forward + backward of our CrissCrossAttention(C), by op group (Jittor's profiler)")
     print("| shape | " + " | ".join(name for name, _ in PROFILE_GROUPS) + " | other Jittor ops | total ms |")
     print("|" + "---|" * (len(PROFILE_GROUPS) + 3))
     for shape in shapes:
